@@ -1,0 +1,235 @@
+"""Per-call state: everything one generation call owns, so one pipeline can serve concurrent calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import pluggy
+import torch
+
+from .branches import BranchLayout, BranchPredictions
+from .errors import PluginError
+from .plugins import Plugin, plugin_label
+from .schedulers import Scheduler
+from .text import PromptEncoder
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.unet import UNet2DConditionModel
+    from .models.vae import AutoencoderKL
+
+
+@dataclass
+class GenerationRequest:
+    """The user's parameters of one call, after defaults are filled in (diffusers' names)."""
+
+    prompts: list[str]
+    negative_prompts: Optional[list[str]]
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    height: int
+    width: int
+    num_images_per_prompt: int
+    strength: float
+    eta: float
+    clip_skip: Optional[int]
+    output_type: str
+    seed: Optional[int]
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+@dataclass
+class StepState:
+    """One denoising step, as hooks see it; ``latents`` is the only field hooks normally replace."""
+
+    index: int
+    timestep: torch.Tensor
+    latents: torch.Tensor
+    num_steps: int
+    prediction: Optional[torch.Tensor] = None
+    pred_original: Optional[torch.Tensor] = None
+
+
+@dataclass
+class UNetInputs:
+    """The inputs of one batched UNet pass; plugins add conditioning through the ``add_*`` methods."""
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    layout: BranchLayout
+    pass_name: str
+    down_residuals: Optional[list[torch.Tensor]] = None
+    mid_residual: Optional[torch.Tensor] = None
+    intrablock_residuals: Optional[list[torch.Tensor]] = None
+    extra_channels: list[torch.Tensor] = field(default_factory=list)
+
+    def _check_rows(self, owner: str, what: str, tensors: Sequence[torch.Tensor]) -> None:
+        for t in tensors:
+            if t.shape[0] != self.sample.shape[0]:
+                raise PluginError(
+                    owner,
+                    f"{what} has {t.shape[0]} rows but this UNet pass ({self.pass_name!r}) stacks "
+                    f"{self.sample.shape[0]} rows for branches {self.layout.names}",
+                )
+
+    def add_residuals(
+        self, owner: str, down: Sequence[torch.Tensor], mid: Optional[torch.Tensor] = None
+    ) -> None:
+        """Add ControlNet-style residuals (summed with those of other plugins)."""
+        self._check_rows(owner, "a down-block residual", down)
+        if self.down_residuals is not None and len(down) != len(self.down_residuals):
+            raise PluginError(owner, f"gave {len(down)} down residuals, others gave {len(self.down_residuals)}")
+        self.down_residuals = (
+            list(down) if self.down_residuals is None else [a + b for a, b in zip(self.down_residuals, down)]
+        )
+        if mid is not None:
+            self._check_rows(owner, "the mid-block residual", [mid])
+            self.mid_residual = mid if self.mid_residual is None else self.mid_residual + mid
+
+    def add_intrablock_residuals(self, owner: str, residuals: Sequence[torch.Tensor]) -> None:
+        """Add T2I-Adapter-style residuals inside the down blocks (summed across plugins)."""
+        self._check_rows(owner, "an intrablock residual", residuals)
+        if self.intrablock_residuals is None:
+            self.intrablock_residuals = list(residuals)
+        elif len(residuals) != len(self.intrablock_residuals):
+            raise PluginError(
+                owner, f"gave {len(residuals)} intrablock residuals, others gave {len(self.intrablock_residuals)}"
+            )
+        else:
+            self.intrablock_residuals = [a + b for a, b in zip(self.intrablock_residuals, residuals)]
+
+    def add_channels(self, owner: str, channels: torch.Tensor) -> None:
+        """Append input channels (image or depth latents), concatenated after the latents in call order."""
+        self._check_rows(owner, "the extra input channels", [channels])
+        if channels.shape[-2:] != self.sample.shape[-2:]:
+            raise PluginError(
+                owner, f"extra channels are {tuple(channels.shape[-2:])}, latents {tuple(self.sample.shape[-2:])}"
+            )
+        self.extra_channels.append(channels)
+
+
+class GenerationCall:
+    """Everything one generation call owns; hooks receive it as ``call``.
+
+    Shared, read-only: ``unet``, ``vae``, ``text`` (the pipeline's models). Owned by the call:
+    ``scheduler`` (a fresh instance), ``generator``, ``layout``, plugin state and the step.
+    """
+
+    def __init__(
+        self,
+        *,
+        unet: "UNet2DConditionModel",
+        vae: "AutoencoderKL",
+        text: PromptEncoder,
+        scheduler: Scheduler,
+        request: GenerationRequest,
+        generator: Optional[torch.Generator],
+        plugins: Sequence[Plugin],
+        hooks: pluggy.PluginManager,
+        model_name: str = "",
+    ) -> None:
+        self.unet = unet
+        self.vae = vae
+        self.text = text
+        self.scheduler = scheduler
+        self.request = request
+        self.generator = generator
+        self.plugins = list(plugins)
+        self.pm = hooks
+        self.hook = hooks.hook
+        self.model_name = model_name
+        self.layout: Optional[BranchLayout] = None
+        self.step: Optional[StepState] = None
+        #: the UNet pass running now ("main", or a plugin's extra pass); attention observers read it.
+        self.pass_name: str = ""
+        self._state: dict[int, dict[str, Any]] = {}
+
+    # -- conveniences ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's compute dtype; latents and scheduler arithmetic stay in float32."""
+        return self.unet.dtype
+
+    @property
+    def batch_size(self) -> int:
+        """Images this call makes (prompts × images per prompt)."""
+        return len(self.request.prompts) * self.request.num_images_per_prompt
+
+    def state_for(self, plugin: Plugin) -> dict[str, Any]:
+        """The per-call state dict of ``plugin`` (plugin objects may be shared between calls)."""
+        return self._state.setdefault(id(plugin), {})
+
+    # -- services for plugins ------------------------------------------------------------------------
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Encode texts through the encode-prompt hook (or the core encoder), in the UNet's dtype."""
+        texts = list(texts)
+        out = self.hook.diffsteer_encode_prompt(call=self, texts=texts)
+        if out is None:
+            out = self.text.encode(texts, clip_skip=self.request.clip_skip)
+        return out.to(device=self.device, dtype=self.dtype)
+
+    def encode_per_image(self, texts: Sequence[str]) -> torch.Tensor:
+        """Encode one text per prompt and repeat each for ``num_images_per_prompt`` (diffusers' order)."""
+        return self.encode(texts).repeat_interleave(self.request.num_images_per_prompt, dim=0)
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        layout: Optional[BranchLayout] = None,
+        *,
+        pass_name: str = "extra",
+    ) -> BranchPredictions:
+        """Run one batched UNet pass over ``layout`` (default: the call's) for per-image ``latents``.
+
+        Fires :func:`~diffsteer.hookspecs.diffsteer_model_inputs` first, so every conditioning plugin
+        follows extra passes too. Returns float32 predictions split by branch.
+        """
+        layout = layout or self.layout
+        assert layout is not None, "predict() is available once prompts are encoded"
+        sample = layout.repeat(latents) if len(layout) > 1 else latents
+        sample = self.scheduler.scale_model_input(sample, timestep)
+        inputs = UNetInputs(
+            sample=sample.to(self.dtype),
+            timestep=timestep,
+            encoder_hidden_states=layout.embeddings(),
+            layout=layout,
+            pass_name=pass_name,
+        )
+        previous, self.pass_name = self.pass_name, pass_name
+        try:
+            self.hook.diffsteer_model_inputs(call=self, step=self.step, inputs=inputs)
+            unet_input = inputs.sample
+            if inputs.extra_channels:
+                unet_input = torch.cat([unet_input, *(c.to(self.dtype) for c in inputs.extra_channels)], dim=1)
+            expected = self.unet.config.in_channels
+            if unet_input.shape[1] != expected:
+                raise PluginError(
+                    ", ".join(plugin_label(p) for p in self.plugins) or "core",
+                    f"the UNet takes {expected} input channels but this pass built {unet_input.shape[1]} "
+                    f"(4 latent channels + {unet_input.shape[1] - inputs.sample.shape[1]} extra); "
+                    "this model needs a plugin that supplies its conditioning channels"
+                    if unet_input.shape[1] < expected
+                    else f"the UNet takes {expected} input channels but plugins added "
+                    f"{unet_input.shape[1] - inputs.sample.shape[1]} extra channels",
+                )
+            out = self.unet(
+                unet_input,
+                timestep,
+                inputs.encoder_hidden_states,
+                down_block_additional_residuals=inputs.down_residuals,
+                mid_block_additional_residual=inputs.mid_residual,
+                down_intrablock_additional_residuals=inputs.intrablock_residuals,
+            )
+        finally:
+            self.pass_name = previous
+        return layout.split(out.float())

@@ -1,0 +1,211 @@
+"""The hook contract between the diffsteer core and its plugins.
+
+This module is the whole contract. Every hook below says **when** it fires, what it **receives**,
+what it **may change** and what it **returns**. Implement a hook by defining a method of the same name
+on a :class:`diffsteer.Plugin` subclass, decorated with :data:`hookimpl`; pluggy prunes arguments, so an
+implementation may accept only the arguments it uses, and keeps working when new ones are added.
+
+Order and exclusivity:
+
+* Plugins run in the order the user listed them (``plugins=[a, b]``: ``a`` sees each hook first).
+* Hooks marked *exclusive* replace core behaviour (:func:`diffsteer_encode_prompt`,
+  :func:`diffsteer_combine_guidance`, :func:`diffsteer_decode`). When two plugins of one call implement
+  the same exclusive hook, the call fails before any work with a :class:`~diffsteer.errors.PluginConflictError`
+  naming both: nothing is silently overwritten.
+* Per-call state belongs in ``call.state_for(self)``, never on the plugin object: one plugin instance
+  may serve concurrent calls.
+
+A generation call fires, in order::
+
+    setup → encode_prompt* → guidance_branches → prepare_latents → attention_patches
+    for each step:  pre_step → model_inputs → noise_prediction → combine_guidance → guidance → post_step
+    decode → teardown (always, even after an error)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional
+
+import pluggy
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .attention_patches import AttentionPatch
+    from .branches import BranchLayout, BranchPredictions
+    from .call import GenerationCall, StepState, UNetInputs
+
+PROJECT = "diffsteer"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def diffsteer_setup(call: "GenerationCall") -> None:
+    """Prepare this plugin for one generation call.
+
+    When: once per call, after the plugin set is resolved and the call's scheduler is made, before
+    any prompt is encoded.
+    Receives: ``call``, the :class:`~diffsteer.call.GenerationCall` (model parts, request parameters,
+    fresh scheduler, generator).
+    May change: ``call.state_for(self)`` (per-call state); it may raise :class:`~diffsteer.errors.PluginError` to reject a model or request it
+    cannot serve (wrong channel count, size mismatch).
+    Returns: nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def diffsteer_encode_prompt(call: "GenerationCall", texts: list[str]) -> Optional[torch.Tensor]:
+    """Encode prompt texts into text-encoder hidden states. *Exclusive.*
+
+    When: for each list of texts the core encodes: the positive prompts, the negative prompts and any
+    branch prompts that plugins request through ``call.encode``.
+    Receives: ``texts``, one string per batch item.
+    May change: nothing on ``call``.
+    Returns: a tensor ``(len(texts), tokens, hidden)`` in ``call.dtype``, or ``None`` to use the core
+    encoder (``call.text.encode``). All embeddings stacked into one UNet batch must have the same
+    token count (a plugin that chunks long prompts pads every text of the call alike); the core
+    raises a :class:`~diffsteer.errors.PluginError` naming the plugin otherwise.
+    """
+
+
+@hookspec
+def diffsteer_guidance_branches(call: "GenerationCall", branches: "BranchLayout") -> None:
+    """Add extra guidance branches to the batched UNet call.
+
+    When: once per call, after the positive/negative prompts are encoded and the ``uncond``/``cond``
+    branches are in ``branches``.
+    Receives: ``branches``, the call's :class:`~diffsteer.branches.BranchLayout`.
+    May change: ``branches`` (``branches.add(name, embeddings, owner=...)``); every branch runs in the
+    same UNet call as classifier-free guidance.
+    Returns: nothing.
+    """
+
+
+@hookspec
+def diffsteer_prepare_latents(call: "GenerationCall", latents: torch.Tensor) -> Optional[torch.Tensor]:
+    """Replace or adjust the initial latents.
+
+    When: once per call, after the core has drawn the starting latents (txt2img noise scaled by the
+    scheduler's ``init_noise_sigma``, or the noised image latents for img2img) and before the first step.
+    Receives: ``latents`` ``(batch, channels, h, w)``, the result of the previous plugin in the chain.
+    May change: nothing else.
+    Returns: new latents (the next plugin receives them) or ``None`` to keep them.
+    """
+
+
+@hookspec
+def diffsteer_attention_patches(call: "GenerationCall", register: Callable[["AttentionPatch"], None]) -> None:
+    """Register attention patches for this call.
+
+    When: once per call, before the first step. The core compiles all patches into one processor per
+    patched layer; attention itself never calls back into pluggy.
+    Receives: ``register``, to be called with :class:`~diffsteer.attention_patches.AttentionPatch` objects.
+    May change: nothing else.
+    Returns: nothing.
+    """
+
+
+@hookspec
+def diffsteer_pre_step(call: "GenerationCall", step: "StepState") -> None:
+    """Act before a denoising step.
+
+    When: at the start of every step, before the UNet input is built.
+    Receives: ``step``: index, timestep, ``latents``.
+    May change: ``step.latents`` (for example a gradient update toward an attention target).
+    Returns: nothing.
+    """
+
+
+@hookspec
+def diffsteer_model_inputs(call: "GenerationCall", step: "StepState", inputs: "UNetInputs") -> None:
+    """Add conditioning to a UNet pass.
+
+    When: before every UNet pass of the call: the main batched pass and any extra pass a plugin runs
+    through ``call.predict`` (``inputs.pass_name`` tells which).
+    Receives: ``inputs``: the batched ``sample``, ``timestep``, ``encoder_hidden_states`` and the
+    ``layout`` of branches they stack.
+    May change: ``inputs`` through ``add_residuals`` (ControlNet-style down/mid residuals, summed
+    across plugins), ``add_intrablock_residuals`` (T2I-Adapter) and ``add_channels`` (extra input
+    channels such as depth or image latents). Anything added must cover every branch of
+    ``inputs.layout``: the core checks batch sizes and names the plugin on a mismatch.
+    Returns: nothing.
+    """
+
+
+@hookspec
+def diffsteer_noise_prediction(
+    call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
+) -> None:
+    """Observe or adjust the raw per-branch UNet predictions.
+
+    When: after the main UNet pass of every step, before guidance.
+    Receives: ``predictions``, the UNet output split by branch name.
+    May change: ``predictions[name] = tensor`` (same shape).
+    Returns: nothing.
+    """
+
+
+@hookspec
+def diffsteer_guidance(
+    call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
+) -> Optional[torch.Tensor]:
+    """Contribute an additive guidance term.
+
+    When: every step, after :func:`diffsteer_noise_prediction`.
+    Receives: ``predictions`` per branch (``uncond`` is absent when guidance is off).
+    May change: nothing; it may run extra UNet passes through ``call.predict``.
+    Returns: a tensor shaped like one branch's prediction, added to the guided prediction (terms from
+    all plugins are summed), or ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def diffsteer_combine_guidance(
+    call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
+) -> Optional[torch.Tensor]:
+    """Replace the classifier-free guidance formula. *Exclusive.*
+
+    When: every step, to combine the branches into one prediction, before the additive terms of
+    :func:`diffsteer_guidance` are added and ``guidance_rescale`` is applied.
+    Receives: ``predictions`` per branch.
+    May change: nothing.
+    Returns: the combined prediction, or ``None`` for the core's ``uncond + scale * (cond - uncond)``.
+    """
+
+
+@hookspec
+def diffsteer_post_step(call: "GenerationCall", step: "StepState") -> None:
+    """Act after the scheduler step.
+
+    When: at the end of every step, after ``scheduler.step``.
+    Receives: ``step``: ``latents`` is now the previous-timestep sample; ``prediction`` is the final
+    guided prediction and ``pred_original`` the scheduler's x0 estimate (if it gives one).
+    May change: ``step.latents`` (masked blending, view averaging, ...).
+    Returns: nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def diffsteer_decode(call: "GenerationCall", latents: torch.Tensor) -> Optional[torch.Tensor]:
+    """Decode final latents into images. *Exclusive.*
+
+    When: once per call, after the last step, unless ``output_type="latent"``.
+    Receives: the final ``latents``.
+    May change: nothing.
+    Returns: images ``(batch, 3, H, W)`` in ``[-1, 1]``, or ``None`` for the core's VAE decode.
+    """
+
+
+@hookspec
+def diffsteer_teardown(call: "GenerationCall", error: Optional[BaseException]) -> None:
+    """Release what :func:`diffsteer_setup` took.
+
+    When: once per call, last, also when the call failed (``error`` is then the exception).
+    Receives: ``error`` or ``None``.
+    May change: nothing on the call's result.
+    Returns: nothing.
+    """
+
+
+#: The hooks that replace core behaviour; at most one plugin per call may implement each.
+EXCLUSIVE_HOOKS = ("diffsteer_encode_prompt", "diffsteer_combine_guidance", "diffsteer_decode")

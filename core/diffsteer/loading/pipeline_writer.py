@@ -1,0 +1,79 @@
+"""Write a pipeline in the diffusers folder layout, atomically (a temp folder renamed into place)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .weights import save_state_dict
+
+DIFFSTEER_VERSION_KEY = "_diffsteer_version"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_model(model: torch.nn.Module, folder: Path) -> None:
+    """``config.json`` + ``diffusion_pytorch_model.safetensors`` for one of our models."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "config.json", model.config.to_diffusers_dict())  # type: ignore[attr-defined]
+    save_state_dict(model.state_dict(), folder / "diffusion_pytorch_model.safetensors")
+
+
+def save_pipeline(
+    target: Union[str, os.PathLike],
+    *,
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    scheduler_config: dict[str, Any],
+) -> Path:
+    """Write every part under ``target``; an existing ``target`` is replaced only once all is written."""
+    from .. import __version__
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        write_json(
+            tmp / "model_index.json",
+            {
+                "_class_name": "StableDiffusionPipeline",
+                DIFFSTEER_VERSION_KEY: __version__,
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", scheduler_config.get("_class_name", "DDIMScheduler")],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            },
+        )
+        save_model(unet, tmp / "unet")
+        save_model(vae, tmp / "vae")
+        text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,372 @@
+"""The public :class:`Pipeline`: loads a model once and runs generation calls with their own plugin sets."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .attention_patches import AttentionPatch, compile_patches
+from .branches import BranchLayout
+from .call import GenerationCall, GenerationRequest, StepState
+from .errors import GenerationError
+from .images import ImageInput, postprocess, to_model_tensor
+from .models.attention import use_attention_processors
+from .models.random import randn_tensor
+from .models.unet import UNet2DConditionModel
+from .models.vae import AutoencoderKL
+from .plugins import Plugin, PluginSpec, make_manager, plugin_label, resolve_plugins
+from .schedulers import Scheduler, make_scheduler
+from .text import PromptEncoder
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class PipelineOutput:
+    """What a call returns: ``images`` in the requested ``output_type`` and the call's parameters."""
+
+    images: Any
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, amount: float) -> torch.Tensor:
+    """Pull the guided prediction's per-image std back toward the conditional one's (arXiv 2305.08891 §3.4)."""
+    dims = list(range(1, cond.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return amount * rescaled + (1 - amount) * guided
+
+
+def _chain(hook_caller: Any, value_arg: str, value: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Call a non-firstresult hook so each implementation receives the previous one's result."""
+    # get_hookimpls() lists implementations in reverse call order.
+    for impl in reversed(hook_caller.get_hookimpls()):
+        args = {**kwargs, value_arg: value}
+        result = impl.function(**{name: args[name] for name in impl.argnames})
+        if result is not None:
+            value = result
+    return value
+
+
+class Pipeline:
+    """A loaded latent-diffusion model (UNet, VAE, CLIP text encoder, scheduler config).
+
+    The pipeline holds no per-call state: each call makes its own scheduler, generator and plugin
+    manager, so one pipeline can serve concurrent calls from several threads.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: Scheduler,
+        *,
+        name: str = "",
+    ) -> None:
+        self.unet = unet.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.name = name
+        self.text = PromptEncoder(tokenizer, text_encoder)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    # -- loading --------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: Union[str, os.PathLike],
+        *,
+        scheduler: Optional[str] = None,
+        torch_dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device] = "cpu",
+        **scheduler_overrides: Any,
+    ) -> "Pipeline":
+        """Load a diffusers-format folder, a single-file checkpoint, a hub id, or ``"shapes"``.
+
+        ``scheduler`` picks a scheduler by name (``"ddim"``, ``"euler_a"``, ...) with the model's
+        ``scheduler_config.json``; ``scheduler_overrides`` change its config fields.
+        """
+        from .loading.pipeline_loader import load_pipeline_parts
+
+        parts = load_pipeline_parts(model, torch_dtype=torch_dtype, device=device)
+        sched = make_scheduler(scheduler, parts.scheduler_config, **scheduler_overrides)
+        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, sched, name=parts.name)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: Union[str, os.PathLike],
+        *,
+        tokenizer: Union[str, os.PathLike, CLIPTokenizer],
+        prediction_type: Optional[str] = None,
+        scheduler: Optional[str] = None,
+        torch_dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device] = "cpu",
+        **scheduler_overrides: Any,
+    ) -> "Pipeline":
+        """Load an original-layout single-file checkpoint (``.safetensors``, or ``.ckpt`` read safely).
+
+        Such files carry no tokenizer: pass a tokenizer folder (or object). SD 2.x v-models must be
+        told ``prediction_type="v_prediction"``: the file does not say.
+        """
+        from .loading.pipeline_loader import load_single_file_parts
+
+        parts = load_single_file_parts(
+            path, tokenizer=tokenizer, prediction_type=prediction_type, torch_dtype=torch_dtype, device=device
+        )
+        sched = make_scheduler(scheduler, parts.scheduler_config, **scheduler_overrides)
+        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, sched, name=parts.name)
+
+    def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:
+        """Write the pipeline in the diffusers folder layout (diffusers can load it too)."""
+        from .loading.pipeline_writer import save_pipeline
+
+        save_pipeline(
+            folder, unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            scheduler_config=self.scheduler.to_diffusers_config(),
+        )
+
+    def with_scheduler(self, scheduler: str, **overrides: Any) -> "Pipeline":
+        """A pipeline sharing these models with another scheduler (no weights are copied)."""
+        sched = make_scheduler(scheduler, self.scheduler.to_diffusers_config(), **overrides)
+        return Pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, sched, name=self.name)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    # -- generation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, Sequence[str]],
+        negative_prompt: Union[str, Sequence[str], None] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        seed: Optional[int] = None,
+        latents: Optional[torch.Tensor] = None,
+        image: Optional[ImageInput] = None,
+        strength: float = 0.8,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        plugins: Sequence[PluginSpec] = (),
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        clip_skip: Optional[int] = None,
+        progress: Optional[ProgressFn] = None,
+    ) -> PipelineOutput:
+        """Generate images; parameters follow diffusers' ``StableDiffusionPipeline`` names.
+
+        ``image`` switches to img2img (``strength`` of 1.0 starts from pure noise). ``seed`` makes a
+        CPU generator; pass ``generator`` instead to share one. ``plugins`` run in the listed order.
+        """
+        request = self._request(
+            prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
+            strength, num_images_per_prompt, output_type, eta, guidance_rescale, clip_skip, image,
+        )
+        if generator is not None and seed is not None:
+            raise ValueError("pass either generator or seed, not both")
+        if seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        plugin_objs = resolve_plugins(plugins)
+        pm = make_manager(plugin_objs)
+        call = GenerationCall(
+            unet=self.unet, vae=self.vae, text=self.text, scheduler=self.scheduler.fresh(), request=request,
+            generator=generator, plugins=plugin_objs, hooks=pm, model_name=self.name,
+        )
+        error: Optional[BaseException] = None
+        try:
+            call.hook.diffsteer_setup(call=call)
+            images = self._generate(call, latents, image, progress)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            call.hook.diffsteer_teardown(call=call, error=error)
+        return PipelineOutput(images=images, parameters=self._parameters(request, plugin_objs))
+
+    def _request(
+        self, prompt, negative_prompt, steps, guidance_scale, height, width, seed, strength,
+        num_images, output_type, eta, guidance_rescale, clip_skip, image,
+    ) -> GenerationRequest:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        negatives = None
+        if negative_prompt is not None:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+        if num_images < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        height = height or self.default_size
+        width = width or self.default_size
+        for label, value in (("height", height), ("width", width)):
+            if value % self.vae_scale_factor:
+                raise ValueError(f"{label} must be a multiple of {self.vae_scale_factor}, got {value}")
+        return GenerationRequest(
+            prompts=prompts, negative_prompts=negatives, num_inference_steps=steps,
+            guidance_scale=float(guidance_scale), guidance_rescale=float(guidance_rescale), height=height,
+            width=width, num_images_per_prompt=num_images, strength=strength if image is not None else 1.0,
+            eta=eta, clip_skip=clip_skip, output_type=output_type, seed=seed,
+        )
+
+    def _parameters(self, request: GenerationRequest, plugins: Sequence[Plugin]) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "scheduler": self.scheduler.name,
+            "prompt": request.prompts if len(request.prompts) > 1 else request.prompts[0],
+            "negative_prompt": request.negative_prompts,
+            "steps": request.num_inference_steps,
+            "guidance_scale": request.guidance_scale,
+            "guidance_rescale": request.guidance_rescale,
+            "height": request.height,
+            "width": request.width,
+            "seed": request.seed,
+            "eta": request.eta,
+            "clip_skip": request.clip_skip,
+            "num_images_per_prompt": request.num_images_per_prompt,
+            "plugins": [{"name": plugin_label(p), "settings": p.settings_dict()} for p in plugins],
+        }
+
+    def _generate(
+        self, call: GenerationCall, latents: Optional[torch.Tensor], image: Optional[ImageInput],
+        progress: Optional[ProgressFn],
+    ) -> Any:
+        req = call.request
+        sched = call.scheduler
+        sched.set_timesteps(req.num_inference_steps, device=call.device)
+        timesteps = sched.timesteps
+        if image is not None:
+            # img2img starts part-way down the schedule, as diffusers' get_timesteps does.
+            start = max(req.num_inference_steps - min(int(req.num_inference_steps * req.strength), req.num_inference_steps), 0)
+            timesteps = timesteps[start * sched.order:]
+            sched.set_begin_index(start * sched.order)
+            if len(timesteps) == 0:
+                raise ValueError(f"strength={req.strength} leaves no denoising steps out of {req.num_inference_steps}")
+
+        layout = BranchLayout(call.batch_size)
+        positive = call.encode_per_image(req.prompts)
+        if req.do_cfg:
+            negatives = req.negative_prompts or [""] * len(req.prompts)
+            negative = call.encode_per_image(negatives)
+            if negative.shape[1:] != positive.shape[1:]:
+                raise GenerationError(
+                    f"negative prompt embeddings {tuple(negative.shape[1:])} differ from positive "
+                    f"{tuple(positive.shape[1:])}; the prompt encoder must pad both alike"
+                )
+            layout.add("uncond", negative)
+        layout.add("cond", positive)
+        call.layout = layout
+        call.hook.diffsteer_guidance_branches(call=call, branches=layout)
+
+        latents = self._initial_latents(call, latents, image, timesteps)
+        latents = _chain(call.hook.diffsteer_prepare_latents, "latents", latents, call=call)
+
+        patches: list[AttentionPatch] = []
+        call.hook.diffsteer_attention_patches(call=call, register=patches.append)
+        processors = compile_patches(patches, self.unet.attention_layers()) if patches else None
+
+        with use_attention_processors(processors):
+            for index, t in enumerate(timesteps):
+                step = StepState(index=index, timestep=t, latents=latents, num_steps=len(timesteps))
+                call.step = step
+                call.hook.diffsteer_pre_step(call=call, step=step)
+                preds = call.predict(step.latents, t, pass_name="main")
+                call.hook.diffsteer_noise_prediction(call=call, step=step, predictions=preds)
+                guided = call.hook.diffsteer_combine_guidance(call=call, step=step, predictions=preds)
+                if guided is None:
+                    guided = (
+                        preds["uncond"] + req.guidance_scale * (preds["cond"] - preds["uncond"])
+                        if req.do_cfg
+                        else preds["cond"]
+                    )
+                for term in call.hook.diffsteer_guidance(call=call, step=step, predictions=preds):
+                    guided = guided + term
+                if req.do_cfg and req.guidance_rescale > 0:
+                    guided = rescale_guidance(guided, preds["cond"], req.guidance_rescale)
+                out = sched.step(guided, t, step.latents, generator=call.generator, **self._step_kwargs(req))
+                step.latents, step.prediction, step.pred_original = out.prev_sample, guided, out.pred_original_sample
+                call.hook.diffsteer_post_step(call=call, step=step)
+                latents = step.latents
+                if not torch.isfinite(latents).all():
+                    active = ", ".join(plugin_label(p) for p in call.plugins) or "none"
+                    raise GenerationError(
+                        f"latents became NaN or inf at step {index} (timestep {int(t)}); plugins: {active}"
+                    )
+                if progress is not None:
+                    progress(index + 1, len(timesteps))
+
+        if req.output_type == "latent":
+            return latents
+        decoded = call.hook.diffsteer_decode(call=call, latents=latents)
+        if decoded is None:
+            decoded = self.decode_latents(latents)
+        return postprocess(decoded, req.output_type)
+
+    def _step_kwargs(self, req: GenerationRequest) -> dict[str, Any]:
+        return {"eta": req.eta} if self.scheduler.name.startswith("ddim") else {}
+
+    def _initial_latents(
+        self, call: GenerationCall, latents: Optional[torch.Tensor], image: Optional[ImageInput],
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        req = call.request
+        shape = (
+            call.batch_size,
+            self.unet.config.out_channels,
+            req.height // self.vae_scale_factor,
+            req.width // self.vae_scale_factor,
+        )
+        if image is None:
+            if latents is None:
+                latents = randn_tensor(shape, generator=call.generator, device=call.device, dtype=torch.float32)
+            elif tuple(latents.shape) != shape:
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, this call needs {shape}")
+            return latents.to(call.device, torch.float32) * call.scheduler.init_noise_sigma
+
+        if latents is not None:
+            raise ValueError("pass either latents or image, not both")
+        pixels = to_model_tensor(image, multiple=self.vae_scale_factor).to(call.device)
+        if pixels.shape[1] == self.vae.config.latent_channels:
+            init = pixels.float()
+        else:
+            init = self.encode_images(pixels, generator=call.generator)
+        if init.shape[0] != call.batch_size:
+            if call.batch_size % init.shape[0]:
+                raise ValueError(f"cannot spread {init.shape[0]} images over {call.batch_size} outputs")
+            init = torch.cat([init] * (call.batch_size // init.shape[0]))
+        noise = randn_tensor(tuple(init.shape), generator=call.generator, device=call.device, dtype=torch.float32)
+        return call.scheduler.add_noise(init, noise, timesteps[:1].repeat(call.batch_size))
+
+    # -- VAE helpers ------------------------------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Scaled latents of ``[-1, 1]`` images, sampled from the VAE posterior with ``generator``."""
+        cfg = self.vae.config
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype))
+        z = dist.sample(generator=generator).float()
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return (z - shift) * cfg.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[-1, 1]`` images from scaled latents."""
+        cfg = self.vae.config
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        z = latents / cfg.scaling_factor + shift
+        return self.vae.decode(z.to(self.vae.device, self.vae.dtype)).float()

@@ -1,0 +1,155 @@
+"""Plugins: the base class, settings validation, entry-point discovery and the per-call hook manager."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from typing import Any, ClassVar, Iterable, Mapping, Sequence, Union
+
+import pluggy
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from . import hookspecs
+from .errors import PluginConflictError, PluginError, PluginNotFoundError, SettingsError
+
+ENTRY_POINT_GROUP = "diffsteer"
+
+
+class NoSettings(BaseModel):
+    """Settings of a plugin that takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Plugin:
+    """Base class of diffsteer plugins.
+
+    Subclasses set ``name`` (the entry-point name) and ``Settings`` (a pydantic model, ideally with
+    ``extra="forbid"``), and implement hooks from :mod:`diffsteer.hookspecs` as methods decorated with
+    :data:`diffsteer.hookimpl`. Keyword arguments are validated into ``self.settings``::
+
+        class Brighten(Plugin):
+            name = "brighten"
+            class Settings(BaseModel):
+                amount: float = 0.1
+
+            @hookimpl
+            def diffsteer_post_step(self, call, step):
+                step.latents = step.latents + self.settings.amount
+    """
+
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+
+    def __init__(self, settings: Union[BaseModel, Mapping[str, Any], None] = None, **fields: Any) -> None:
+        self.settings = validate_settings(type(self), settings, fields)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.settings!r})"
+
+    def settings_dict(self) -> dict[str, Any]:
+        """The settings as JSON-compatible values, for reproducible metadata."""
+        return self.settings.model_dump(mode="json")
+
+
+def validate_settings(
+    cls: type[Plugin], settings: Union[BaseModel, Mapping[str, Any], None], fields: Mapping[str, Any]
+) -> BaseModel:
+    """Validate ``settings`` and/or keyword ``fields`` against ``cls.Settings``; bad values raise
+    :class:`SettingsError` naming the plugin, the field and the reason."""
+    name = cls.name or cls.__name__
+    if isinstance(settings, cls.Settings) and not fields:
+        return settings
+    data: dict[str, Any] = {}
+    if isinstance(settings, BaseModel):
+        data.update(settings.model_dump())
+    elif settings is not None:
+        data.update(settings)
+    data.update(fields)
+    try:
+        return cls.Settings(**data)
+    except ValidationError as exc:
+        problems = [(".".join(str(p) for p in e["loc"]) or "<settings>", e["msg"]) for e in exc.errors()]
+        raise SettingsError(name, problems) from None
+
+
+# -- discovery ----------------------------------------------------------------------------------------
+
+
+def installed_plugins() -> dict[str, md.EntryPoint]:
+    """Entry points of group ``diffsteer`` by name; nothing is imported."""
+    return {ep.name: ep for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_plugin_class(name: str) -> type[Plugin]:
+    """Import the plugin class registered under ``name``; only the named plugin is loaded."""
+    eps = installed_plugins()
+    if name not in eps:
+        raise PluginNotFoundError(name, list(eps))
+    obj = eps[name].load()
+    if not (isinstance(obj, type) and issubclass(obj, Plugin)):
+        raise PluginError(name, f"entry point {eps[name].value!r} is not a diffsteer.Plugin subclass")
+    return obj
+
+
+PluginSpec = Union[Plugin, str, type, "tuple[str, Mapping[str, Any]]"]
+
+
+def resolve_plugins(specs: Iterable[PluginSpec]) -> list[Plugin]:
+    """Turn the user's list (instances, names, ``(name, settings)`` pairs, classes) into instances."""
+    out: list[Plugin] = []
+    for spec in specs:
+        if isinstance(spec, Plugin):
+            out.append(spec)
+        elif isinstance(spec, str):
+            out.append(load_plugin_class(spec)())
+        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
+            out.append(load_plugin_class(spec[0])(spec[1]))
+        elif isinstance(spec, type) and issubclass(spec, Plugin):
+            out.append(spec())
+        else:
+            raise TypeError(
+                f"plugins entries must be Plugin instances, names or (name, settings) pairs, got {spec!r}"
+            )
+    return out
+
+
+# -- the per-call manager -------------------------------------------------------------------------------
+
+_EXCLUSIVE_PLACES = {
+    "diffsteer_encode_prompt": "prompt encoding (diffsteer_encode_prompt)",
+    "diffsteer_combine_guidance": "the guidance formula (diffsteer_combine_guidance)",
+    "diffsteer_decode": "decoding (diffsteer_decode)",
+}
+
+
+def plugin_label(plugin: Plugin) -> str:
+    return plugin.name or type(plugin).__name__
+
+
+def make_manager(plugins: Sequence[Plugin]) -> pluggy.PluginManager:
+    """A fresh manager for one call, calling plugins in the order listed.
+
+    pluggy calls implementations last-registered-first, so registering in reverse gives list order.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for index in reversed(range(len(plugins))):
+        plugin = plugins[index]
+        pm.register(plugin, name=f"{plugin_label(plugin)}#{index}")
+    pm.check_pending()
+    for hook, place in _EXCLUSIVE_PLACES.items():
+        impls = getattr(pm.hook, hook).get_hookimpls()
+        if len(impls) > 1:
+            # get_hookimpls() is in call order reversed; report in the user's order.
+            names = [plugin_label(i.plugin) for i in reversed(impls)]
+            raise PluginConflictError(place, names[0], names[1])
+    return pm
+
+
+def implemented_hooks(plugin_cls: type) -> list[str]:
+    """Names of the hook specs that ``plugin_cls`` implements (for ``diffsteer plugins``)."""
+    found = []
+    for attr in dir(plugin_cls):
+        if attr.startswith("diffsteer_") and hasattr(getattr(plugin_cls, attr), "diffsteer_impl"):
+            found.append(attr)
+    return found

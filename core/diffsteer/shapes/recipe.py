@@ -1,0 +1,99 @@
+"""The shapes-model recipe: every size, schedule and seed of the shipped model, in one validated object."""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ShapesRecipe(BaseModel):
+    """What ``diffsteer train shapes`` trains. The defaults are the shipped model's recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 0
+    #: Distinct training scenes, rendered once and cached.
+    n_images: int = Field(24000, ge=64)
+    image_size: int = 64
+
+    # -- VAE: 64x64x3 <-> 16x16x4 --------------------------------------------------------------------
+    vae_block_out_channels: Tuple[int, ...] = (32, 64, 64)
+    vae_steps: int = Field(2400, ge=1)
+    vae_batch_size: int = Field(16, ge=1)
+    vae_lr: float = Field(1e-3, gt=0)
+    vae_kl_weight: float = Field(1e-6, ge=0)
+
+    # -- text encoder + UNet, trained jointly ------------------------------------------------------------
+    text_hidden_size: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    unet_block_out_channels: Tuple[int, ...] = (64, 128, 128)
+    unet_attention_heads: int = 8
+    unet_steps: int = Field(5000, ge=1)
+    unet_batch_size: int = Field(32, ge=1)
+    unet_lr: float = Field(5e-4, gt=0)
+    unet_warmup_steps: int = Field(200, ge=0)
+    unet_ema_decay: float = Field(0.999, ge=0, lt=1)
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    checkpoint_every: int = Field(250, ge=1)
+
+    def scheduler_config(self) -> dict[str, Any]:
+        """Zero terminal SNR, v-prediction, trailing timesteps (see docs/shapes-model.md for why)."""
+        return {
+            "_class_name": "DDIMScheduler",
+            "num_train_timesteps": 1000,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "steps_offset": 0,
+            "prediction_type": "v_prediction",
+            "rescale_betas_zero_snr": True,
+            "timestep_spacing": "trailing",
+        }
+
+    def vae_config(self) -> dict[str, Any]:
+        n = len(self.vae_block_out_channels)
+        return {
+            "in_channels": 3,
+            "out_channels": 3,
+            "block_out_channels": list(self.vae_block_out_channels),
+            "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n,
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+            "sample_size": self.image_size,
+            "mid_block_add_attention": False,
+            "force_upcast": False,
+        }
+
+    def unet_config(self, latent_size: int) -> dict[str, Any]:
+        return {
+            "sample_size": latent_size,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": list(self.unet_block_out_channels),
+            # cross-attention at 16x16 and 8x8; the 4x4 bottom only mixes
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": self.text_hidden_size,
+            "attention_head_dim": self.unet_attention_heads,
+            "norm_num_groups": 32,
+        }
+
+    def text_config(self, tokenizer: Any) -> dict[str, Any]:
+        return dict(
+            vocab_size=len(tokenizer),
+            hidden_size=self.text_hidden_size,
+            intermediate_size=4 * self.text_hidden_size,
+            num_hidden_layers=self.text_layers,
+            num_attention_heads=self.text_heads,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )

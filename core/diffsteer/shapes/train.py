@@ -1,0 +1,193 @@
+"""Train the shapes model from scratch: render data, train the VAE, encode latents, train text encoder + UNet.
+
+Every stage checkpoints atomically into ``OUT/work`` and is skipped once done, so an interrupted run
+resumes where it stopped (``diffsteer train shapes --out OUT`` again). The finished model is written to
+``OUT`` in the diffusers folder layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..loading.weights import load_state_dict, save_state_dict
+from ..models.vae import AutoencoderKL
+from .recipe import ShapesRecipe
+from .world import ShapesDataset
+
+Log = Callable[[str], None]
+
+
+# -- threads ---------------------------------------------------------------------------------------------
+
+
+def _cpu_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields) - idle, sum(fields)
+
+
+class ThreadGovernor:
+    """Re-picks the torch thread count from the measured load of *other* processes.
+
+    Measured here: on a loaded 2-core CPU, 2 torch threads ran about 6x slower than 1, so a training
+    run that shares the machine must drop to one thread, and take both back when it is alone.
+    ``tick()`` is cheap; every ``interval`` seconds it compares the machine's busy time with this
+    process's own CPU time over the elapsed interval (no extra sleeping).
+    """
+
+    def __init__(self, log: Log, interval: float = 30.0) -> None:
+        self.log, self.interval = log, interval
+        self.cores = os.cpu_count() or 1
+        self.threads = 0
+        self._mark = self._sample()
+        self._set(self.cores if self.cores > 1 else 1, other=0.0)
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        try:
+            busy, total = _cpu_busy()
+        except OSError:  # not Linux: assume the machine is ours
+            busy = total = 0.0
+        return time.monotonic(), time.process_time(), busy / (os.sysconf("SC_CLK_TCK") or 100)
+
+    def _set(self, threads: int, other: float) -> None:
+        if threads != self.threads:
+            torch.set_num_threads(threads)
+            self.threads = threads
+            self.log(f"threads: {threads} (other processes keep {other:.2f} of {self.cores} cores busy)")
+
+    def tick(self) -> None:
+        now = self._sample()
+        wall = now[0] - self._mark[0]
+        if wall < self.interval:
+            return
+        own = now[1] - self._mark[1]
+        machine = now[2] - self._mark[2]
+        self._mark = now
+        other = max(machine - own, 0.0) / wall
+        self._set(self.cores if other < 0.3 else max(1, self.cores - math.ceil(other - 0.3)), other)
+
+
+# -- stage 1: data ---------------------------------------------------------------------------------------
+
+
+def render_dataset(work: Path, recipe: ShapesRecipe, log: Log) -> tuple[torch.Tensor, list[str]]:
+    """``n_images`` scenes as uint8 ``(N, 3, H, W)`` plus captions, cached in ``work/data``."""
+    images_file, captions_file = work / "data.safetensors", work / "captions.json"
+    if images_file.is_file() and captions_file.is_file():
+        return load_state_dict(images_file)["images"], json.loads(captions_file.read_text())
+    t0 = time.time()
+    ds = ShapesDataset(recipe.n_images, seed=recipe.seed, size=recipe.image_size)
+    images = torch.empty(recipe.n_images, 3, recipe.image_size, recipe.image_size, dtype=torch.uint8)
+    captions = []
+    for i in range(recipe.n_images):
+        item = ds[i]
+        images[i] = ((item["pixel_values"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        captions.append(item["caption"])
+    save_state_dict({"images": images}, images_file)
+    tmp = captions_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(captions))
+    os.replace(tmp, captions_file)
+    log(f"data: rendered {recipe.n_images} scenes in {time.time() - t0:.0f}s")
+    return images, captions
+
+
+def to_pixels(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float() / 127.5 - 1.0
+
+
+# -- stage 2: VAE ------------------------------------------------------------------------------------------
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two ``[-1, 1]`` image batches."""
+    mse = float(((a.clamp(-1, 1) - b) / 2).pow(2).mean())
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def train_vae(work: Path, recipe: ShapesRecipe, images: torch.Tensor, log: Log) -> AutoencoderKL:
+    """Reconstruction + a small KL term; resumes from ``work/vae-ckpt``."""
+    final = work / "vae.safetensors"
+    vae = AutoencoderKL.from_config(recipe.vae_config())
+    if final.is_file():
+        vae.load_state_dict(load_state_dict(final))
+        return vae.eval()
+    torch.manual_seed(recipe.seed)
+    vae = AutoencoderKL.from_config(recipe.vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    ckpt = work / "vae-ckpt.pt"
+    start = 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = int(state["step"])
+        log(f"vae: resuming at step {start}")
+    held_out = to_pixels(images[-256:])
+    t0 = time.time()
+    governor = ThreadGovernor(log)
+    for step in range(start, recipe.vae_steps):
+        governor.tick()
+        g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(images) - 256, (recipe.vae_batch_size,), generator=g)
+        x = to_pixels(images[idx])
+        # cosine decay to 10%: the last steps sharpen edges
+        lr = recipe.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / recipe.vae_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        post = vae.encode(x)
+        recon = vae.decode(post.sample(generator=g))
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).sum(dim=(1, 2, 3)).mean()
+        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + recipe.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0 or step + 1 == recipe.vae_steps:
+            with torch.no_grad():
+                vae.eval()
+                p = psnr(vae.decode(vae.encode(held_out[:64]).mean), held_out[:64])
+                vae.train()
+            log(f"vae step {step + 1}/{recipe.vae_steps} loss {loss.item():.4f} psnr {p:.1f} dB "
+                f"({time.time() - t0:.0f}s)")
+        if (step + 1) % 500 == 0 and step + 1 < recipe.vae_steps:
+            _atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
+    save_state_dict(vae.state_dict(), final)
+    ckpt.unlink(missing_ok=True)
+    return vae.eval()
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -- stage 3: latents -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_dataset(work: Path, vae: AutoencoderKL, images: torch.Tensor, log: Log) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Posterior means and stds of every image, and the scaling factor giving latents unit variance."""
+    f = work / "latents.safetensors"
+    if f.is_file():
+        d = load_state_dict(f)
+        return d["mean"], d["std"], float(d["scaling_factor"])
+    means, stds = [], []
+    for i in range(0, len(images), 256):
+        post = vae.encode(to_pixels(images[i : i + 256]))
+        means.append(post.mean)
+        stds.append(post.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    scaling = float(1.0 / mean.std())
+    save_state_dict({"mean": mean, "std": std, "scaling_factor": torch.tensor(scaling)}, f)
+    log(f"latents: {tuple(mean.shape)}, scaling_factor {scaling:.4f}")
+    return mean, std, scaling

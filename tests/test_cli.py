@@ -1,0 +1,71 @@
+"""The command line: generate, reproducible PNG metadata, --from, plugin settings errors, plugins list."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffsteer.cli import main, read_parameters
+
+
+def test_generate_writes_png_with_parameters_and_from_reproduces(tiny_sd1, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    code = main(["generate", "a red circle", "--model", str(tiny_sd1), "--steps", "3", "--seed", "5",
+                 "--scheduler", "euler_a", "-o", str(out), "-q"])
+    assert code == 0 and out.exists()
+    params = read_parameters(out)
+    assert params["prompt"] == "a red circle" and params["seed"] == 5 and params["steps"] == 3
+    assert params["scheduler"] == "euler_a" and params["model"] == str(tiny_sd1)
+    again = tmp_path / "b.png"
+    assert main(["generate", "--from", str(out), "-o", str(again), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_random_seed_is_recorded(tiny_sd1, tmp_path):
+    out = tmp_path / "r.png"
+    assert main(["generate", "x", "--model", str(tiny_sd1), "--steps", "1", "-o", str(out), "-q"]) == 0
+    assert isinstance(read_parameters(out)["seed"], int)
+
+
+def test_unknown_plugin_and_bad_setting_print_clear_errors(tiny_sd1, tmp_path, capsys):
+    code = main(["generate", "x", "--model", str(tiny_sd1), "--steps", "1", "--plugin", "nonesuch",
+                 "-o", str(tmp_path / "x.png"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "plugin 'nonesuch' is not installed" in err and "Traceback" not in err
+    with pytest.raises(SystemExit, match="names plugin 'other'"):
+        main(["generate", "x", "--model", str(tiny_sd1), "--set", "other.scale=1", "-q"])
+    with pytest.raises(SystemExit, match="NAME.FIELD=VALUE"):
+        main(["generate", "x", "--model", str(tiny_sd1), "--plugin", "p", "--set", "p=1", "-q"])
+
+
+def test_missing_model_is_a_one_line_error(tmp_path, capsys):
+    code = main(["generate", "x", "--model", str(tmp_path / "nowhere"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such folder" in err and "Traceback" not in err
+
+
+def test_plugins_command_lists_entry_points(tmp_path):
+    pkg = tmp_path / "diffsteer_demo"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from diffsteer import Plugin, hookimpl\n"
+        "class Demo(Plugin):\n    name = 'demo'\n"
+        "    @hookimpl\n    def diffsteer_post_step(self, call, step):\n        pass\n"
+    )
+    info = tmp_path / "diffsteer_demo-0.3.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: diffsteer-demo\nVersion: 0.3.0\n")
+    (info / "entry_points.txt").write_text("[diffsteer]\ndemo = diffsteer_demo:Demo\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-m", "diffsteer.cli", "plugins", "--json"], capture_output=True,
+                         text=True, env=env, check=True)
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert rows["demo"]["version"] == "0.3.0" and rows["demo"]["hooks"] == ["post_step"]
