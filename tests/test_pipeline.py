@@ -80,7 +80,7 @@ def test_img2img_strength_zero_point_keeps_structure(pipe):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(height=30), "height must be a multiple of 2"),
+        (dict(height=31), "height must be a multiple of 2"),
         (dict(num_inference_steps=0), "num_inference_steps must be at least 1"),
         (dict(strength=1.5, image=np.zeros((32, 32, 3))), r"strength must be in \[0, 1\]"),
         (dict(output_type="jpeg"), "output_type must be"),

@@ -14,7 +14,6 @@ from diffsteer.schedulers import (
     Scheduler,
     SchedulerConfig,
     SchedulerConfigError,
-    SchedulerOutput,
     make_scheduler,
     scheduler_names,
 )
@@ -104,6 +103,12 @@ def sample_loop(
     return samples, x0s
 
 
+def run_seeded(sched: Any, seed: int, **step_kwargs: Any) -> tuple[list[torch.Tensor], list[Any]]:
+    """The full loop over ``sched.timesteps`` from seed-0 latents, step noise from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return sample_loop(sched, sched.timesteps, initial_latents(sched), generator, **step_kwargs)
+
+
 def initial_latents(sched: Any) -> torch.Tensor:
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     return noise * sched.init_noise_sigma
@@ -115,17 +120,17 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
     assert delta <= ATOL, f"{what}: max |delta| = {delta:.3g}"
 
 
-def assert_same_trajectory(ours: Scheduler, theirs: Any, steps: int = 10, seed: int = 7, **step_kwargs: Any) -> None:
+def assert_same_trajectory(
+    ours: Scheduler, theirs: Any, steps: int = 10, seed: int = 7, **step_kwargs: Any
+) -> None:
     ours.set_timesteps(steps)
     theirs.set_timesteps(steps)
     assert torch.equal(ours.timesteps, theirs.timesteps), (ours.timesteps, theirs.timesteps)
     assert ours.timesteps.dtype == theirs.timesteps.dtype
     assert ours.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma), rel=1e-7)
 
-    a, a0 = sample_loop(ours, ours.timesteps, initial_latents(ours), torch.Generator().manual_seed(seed), **step_kwargs)
-    b, b0 = sample_loop(
-        theirs, theirs.timesteps, initial_latents(theirs), torch.Generator().manual_seed(seed), **step_kwargs
-    )
+    a, a0 = run_seeded(ours, seed, **step_kwargs)
+    b, b0 = run_seeded(theirs, seed, **step_kwargs)
     for i, (x, y) in enumerate(zip(a, b)):
         assert_close(x, y, f"step {i}")
     for i, (x, y) in enumerate(zip(a0, b0)):
@@ -192,8 +197,8 @@ def test_euler_churn_matches_diffusers() -> None:
     theirs = oracle("euler", SD1)
     ours.set_timesteps(10)
     theirs.set_timesteps(10)
-    a, _ = sample_loop(ours, ours.timesteps, initial_latents(ours), torch.Generator().manual_seed(3))
-    b, _ = sample_loop(theirs, theirs.timesteps, initial_latents(theirs), torch.Generator().manual_seed(3), **churn)
+    a, _ = run_seeded(ours, 3)
+    b, _ = run_seeded(theirs, 3, **churn)
     for i, (x, y) in enumerate(zip(a, b)):
         assert_close(x, y, f"step {i}")
 
@@ -204,8 +209,8 @@ def test_ddim_eta_as_constructor_option() -> None:
     ours.set_timesteps(10)
     theirs = oracle("ddim", SD1)
     theirs.set_timesteps(10)
-    a, _ = sample_loop(ours, ours.timesteps, initial_latents(ours), torch.Generator().manual_seed(5))
-    b, _ = sample_loop(theirs, theirs.timesteps, initial_latents(theirs), torch.Generator().manual_seed(5), eta=0.7)
+    a, _ = run_seeded(ours, 5)
+    b, _ = run_seeded(theirs, 5, eta=0.7)
     assert_close(a[-1], b[-1], "last step")
 
 
@@ -247,12 +252,13 @@ def test_karras_sigmas_match(name: str, config: dict[str, Any]) -> None:
         assert torch.equal(ours.sigmas, theirs.sigmas)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m_karras", "pndm"])
-@pytest.mark.parametrize("config", [SD1, ZERO_SNR], ids=["sd1", "zero-snr"])
+@pytest.mark.parametrize(
+    "name, config",
+    [(n, SD1) for n in ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m_karras", "pndm")]
+    + [(n, ZERO_SNR) for n in ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m_karras")],
+)
 def test_img2img_begin_index_and_add_noise(name: str, config: dict[str, Any]) -> None:
     """diffusers' img2img: skip the first steps, set the begin index, noise the image, denoise the rest."""
-    if name == "pndm" and config is ZERO_SNR:
-        pytest.skip("PNDM refuses zero-SNR schedules")
     ours, theirs = make_scheduler(name, config), oracle(name, config)
     steps, strength = 10, 0.6
     image = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
@@ -283,7 +289,9 @@ def test_add_noise_per_item_timesteps(name: str) -> None:
     assert_close(ours.add_noise(x, noise, t), theirs.add_noise(x, noise, t.clone()), "add_noise")
 
 
-@pytest.mark.parametrize("config", [SD1, ZERO_SNR, {"beta_schedule": "squaredcos_cap_v2"}], ids=["sd1", "zsnr", "cos"])
+@pytest.mark.parametrize(
+    "config", [SD1, ZERO_SNR, {"beta_schedule": "squaredcos_cap_v2"}], ids=["sd1", "zero-snr", "cosine"]
+)
 @pytest.mark.parametrize("name", scheduler_names())
 def test_train_schedule_and_velocity_match_ddpm(name: str, config: dict[str, Any]) -> None:
     """alphas_cumprod is the training schedule and get_velocity the v target, whatever the sampler."""
@@ -302,7 +310,12 @@ def test_train_schedule_and_velocity_match_ddpm(name: str, config: dict[str, Any
 
 @pytest.mark.parametrize(
     "config",
-    [SD1, {**SD1, "prediction_type": "v_prediction"}, {**ZERO_SNR, "set_alpha_to_one": True}, {**SD1, "clip_sample": True}],
+    [
+        SD1,
+        {**SD1, "prediction_type": "v_prediction"},
+        {**ZERO_SNR, "set_alpha_to_one": True},
+        {**SD1, "clip_sample": True},
+    ],
     ids=["sd1-eps", "sd1-v", "zero-snr-v", "clipped"],
 )
 def test_ddim_inversion_matches_diffusers(config: dict[str, Any]) -> None:
@@ -363,7 +376,8 @@ def test_switching_scheduler_keeps_only_explicit_values() -> None:
 
 
 def test_names_and_presets() -> None:
-    assert set(scheduler_names()) >= {"ddim", "ddim_inverse", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm"}
+    required = {"ddim", "ddim_inverse", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm"}
+    assert required <= set(scheduler_names())
     karras = make_scheduler("dpmpp_2m_karras", SD15_JSON)
     assert karras.config.use_karras_sigmas and karras.name == "dpmpp_2m_karras"
     # The plain name turns karras off even if the config had it on; an override wins over the name.
@@ -371,7 +385,13 @@ def test_names_and_presets() -> None:
     assert make_scheduler("dpmpp_2m", karras.config, use_karras_sigmas=True).name == "dpmpp_2m_karras"
     assert make_scheduler("EulerAncestralDiscreteScheduler").name == "euler_a"
     assert make_scheduler(None, karras.to_diffusers_config()).name == "dpmpp_2m_karras"
+    assert make_scheduler(None, karras.config).name == "dpmpp_2m_karras"
     assert isinstance(make_scheduler("ddim").config, SchedulerConfig)
+    # "pndm" is SD's PLMS unless the config says otherwise; the diffusers class name keeps its default.
+    ddim_json = {**diffusers.DDIMScheduler.from_config(SD15_JSON).config, "_class_name": "DDIMScheduler"}
+    assert make_scheduler("pndm", ddim_json).config.skip_prk_steps is True
+    assert make_scheduler("pndm", {**SD1, "skip_prk_steps": False}).config.skip_prk_steps is False
+    assert make_scheduler("PNDMScheduler", ddim_json).config.skip_prk_steps is False
     # UniPC / DEIS configs name their own solvers; diffusers maps them, so do we.
     assert make_scheduler("dpmpp_2m", {"solver_type": "bh2"}).config.solver_type == "midpoint"
 

@@ -25,6 +25,7 @@ from diffsteer.shapes import (
     background_colour,
     bbox,
     build_tokenizer,
+    load_tokenizer,
     caption,
     centroid,
     connected_components,
@@ -33,6 +34,7 @@ from diffsteer.shapes import (
     edit_pair,
     evaluate_caption,
     format_caption,
+    mask_iou,
     object_count,
     object_mask,
     objects,
@@ -66,11 +68,14 @@ def _accuracy(degraded: bool) -> dict[str, float]:
     """Per-criterion accuracy of the evaluators on N_SCENES random scenes with known labels."""
     rng = np.random.default_rng(1234 + degraded)
     hits: dict[str, list[bool]] = {}
+
+    def add(key: str, ok: object) -> None:
+        hits.setdefault(key, []).append(bool(ok))
+
     for _ in range(N_SCENES):
         scene = sample_scene(rng)
         img = render(scene)
         arr = degrade(img, rng) if degraded else img
-        add = lambda k, v: hits.setdefault(k, []).append(bool(v))  # noqa: E731
         add("background_colour", background_colour(arr) == scene.background)
         if len(scene.objects) == 1:
             add("dominant_colour", dominant_colour(arr) == scene.objects[0].colour)
@@ -98,7 +103,7 @@ def _report(title: str, acc: dict[str, float]) -> None:
         print(f"  {key:24s} {value:.3f}")
 
 
-# --- generator -------------------------------------------------------------------------------------------------------
+# --- generator --------------------------------------------------------------------------------------------------------
 
 
 def test_scenes_are_valid_and_match_their_captions() -> None:
@@ -216,6 +221,8 @@ def test_edit_pairs_change_exactly_one_thing() -> None:
         assert evaluate_caption(render(after), after.caption)["all"]
         assert not evaluate_caption(render(before), after.caption)["all"]
     assert set(kinds) == {"background", "colour", "shape"}
+    with pytest.raises(ValueError):
+        edit_pair(rng, kinds=("move",))
 
 
 def test_dataset_items() -> None:
@@ -244,7 +251,7 @@ def test_dataset_items() -> None:
     assert isinstance(edits["edit_prompt"], str)
 
 
-# --- tokenizer ---------------------------------------------------------------------------------------------------------
+# --- tokenizer --------------------------------------------------------------------------------------------------------
 
 
 def test_tokenizer_loads_and_round_trips(tmp_path) -> None:
@@ -267,12 +274,14 @@ def test_tokenizer_loads_and_round_trips(tmp_path) -> None:
         assert len(tok.tokenize(text)) == len(text.split())  # one token per word
         assert tok.decode(ids, skip_special_tokens=True) == text
         assert fast(text).input_ids == tok(text).input_ids
+    assert load_tokenizer(path).get_vocab() == tok.get_vocab()  # loads an existing folder as is
+    assert len(load_tokenizer(tmp_path / "fresh")) == vocab_size()  # builds a missing one
     # unknown words still tokenize (sub-words / characters), never to the unknown token
     ids = tok("a zebra-striped Dodecahedron!").input_ids
     assert tok.unk_token_id not in ids[1:-1] and max(ids) < vocab_size()
 
 
-# --- evaluators ------------------------------------------------------------------------------------------------------
+# --- evaluators -------------------------------------------------------------------------------------------------------
 
 
 def test_evaluators_accuracy_clean() -> None:
@@ -337,7 +346,8 @@ def test_shape_class_rounded_square_and_pixel_masks() -> None:
             assert shape_class(cover) == "square", (r, rho)
             assert shape_class(cover > 0.5) == "square", (r, rho)  # plain boolean masks work too
     for shape in SHAPES:  # blurred shapes keep their class
-        img = render(Scene([ShapeObject(shape, "green", 0.5, 0.5, 7 / 64)], "black")).filter(ImageFilter.GaussianBlur(1.5))
+        img = render(Scene([ShapeObject(shape, "green", 0.5, 0.5, 7 / 64)], "black"))
+        img = img.filter(ImageFilter.GaussianBlur(1.5))
         assert objects(img)[0].shape == shape
 
 
@@ -385,6 +395,8 @@ def test_evaluator_inputs_and_helpers() -> None:
     assert object_mask(img).sum() == pytest.approx(2 * 9**2, rel=0.15)
     assert object_count(np.zeros((64, 64, 3), np.uint8)) == 0 and centroid(np.zeros((64, 64, 3), np.uint8)) is None
     assert dominant_colour(np.full((64, 64, 3), 255, np.uint8)) is None
+    assert mask_iou(img, render_mask(scene)) > 0.99
+    assert mask_iou(img, render_mask(replace(scene, objects=[replace(scene.objects[0], cx=0.75)]))) == 0.0
     result = evaluate_caption(img, "a yellow triangle on the left on a black background")
     assert result["all"] and result["size"] is None and result["both_colours"] is None
     with pytest.raises(TypeError):

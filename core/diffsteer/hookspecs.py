@@ -209,3 +209,105 @@ def diffsteer_teardown(call: "GenerationCall", error: Optional[BaseException]) -
 
 #: The hooks that replace core behaviour; at most one plugin per call may implement each.
 EXCLUSIVE_HOOKS = ("diffsteer_encode_prompt", "diffsteer_combine_guidance", "diffsteer_decode")
+
+
+# =====================================================================================================
+# Training hooks
+# =====================================================================================================
+#
+# Fired by :class:`diffsteer.training.DiffusionTrainer`, never by a generation call. One optimizer step
+# fires, in order::
+#
+#     (once, at setup: train_parameters)
+#     for each micro-step:  train_batch → train_model_inputs → train_loss
+#     (on export: train_save)
+#
+# Training plugins keep their state on themselves: a trainer runs one plugin set for its whole life.
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from pathlib import Path
+
+    from .training import DiffusionTrainer, ParamGroup, TrainBatch, TrainOutputs
+
+
+@hookspec
+def diffsteer_train_parameters(trainer: "DiffusionTrainer") -> Optional[list["ParamGroup"]]:
+    """Choose the parameters that train (and prepare the models for training).
+
+    When: once, when the trainer sets up: before the optimizer is built and before a checkpoint is
+    restored, so models changed here (a token added, embeddings resized, layers added) match the saved
+    state on resume.
+    Receives: ``trainer`` with ``unet``, ``text_encoder``, ``tokenizer``, ``scheduler``, ``config``.
+    May change: the models and tokenizer. To train part of a tensor (one embedding row), register a
+    gradient hook on it that zeroes the rest and give its group ``weight_decay=0.0``: AdamW then leaves
+    the other rows bit for bit unchanged.
+    Returns: a list of :class:`~diffsteer.training.ParamGroup` (or ``(name, params)`` pairs), or
+    ``None``. The groups of all plugins train together and replace the default set (the whole UNet,
+    plus the text encoder when ``config.train_text_encoder``); every other parameter of the UNet and
+    text encoder is frozen. A parameter in two groups is an error naming both.
+    """
+
+
+@hookspec
+def diffsteer_train_batch(trainer: "DiffusionTrainer", batch: "TrainBatch") -> None:
+    """Extend or adjust one micro-batch.
+
+    When: every micro-step, after the rows of this process are read from the data and before any
+    noise is drawn or caption encoded.
+    Receives: ``batch``, a dict with per-row ``latents`` ``(b, 4, h, w)`` (or ``pixel_values`` when
+    the trainer has a VAE), ``captions`` (``b`` strings), ``keys`` (``(b,)`` int64: the row's position
+    in the step, which seeds its noise, timestep and caption dropout), ``loss_weight`` (``(b,)``, ones)
+    and whatever else the data returned; ``trainer.step`` is the optimizer step.
+    May change: ``batch`` in place: replace items, add items for other hooks, or append rows with
+    :func:`diffsteer.training.append_rows` (DreamBooth class images), which extends every per-row item
+    and gives the new rows their own keys. The core loss is ``sum(loss_weight * row_loss) / b`` over
+    the ``b`` rows the data gave, so appended rows with weight ``w`` add ``w`` times their mean loss.
+    Returns: nothing.
+    """
+
+
+@hookspec
+def diffsteer_train_model_inputs(
+    trainer: "DiffusionTrainer", batch: "TrainBatch", inputs: "UNetInputs"
+) -> None:
+    """Add conditioning to the training UNet pass (ControlNet, T2I-Adapter, extra input channels).
+
+    When: every micro-step, after the noisy latents and text embeddings are built, right before the
+    UNet forward (inside autocast when mixed precision is on, with gradients enabled).
+    Receives: ``batch`` (as :func:`diffsteer_train_batch` left it) and ``inputs``, the same
+    :class:`~diffsteer.call.UNetInputs` that generation uses, with one branch named ``"train"``.
+    May change: ``inputs`` through ``add_residuals``, ``add_intrablock_residuals`` and ``add_channels``
+    (summed or concatenated across plugins, rows checked as in generation); a trainable conditioning
+    network runs here, and its parameters train when :func:`diffsteer_train_parameters` returns them.
+    Returns: nothing.
+    """
+
+
+@hookspec
+def diffsteer_train_loss(
+    trainer: "DiffusionTrainer", batch: "TrainBatch", outputs: "TrainOutputs"
+) -> Optional[torch.Tensor]:
+    """Contribute an extra loss term.
+
+    When: every micro-step, after the UNet forward and the core loss, before backward.
+    Receives: ``outputs``: ``prediction``, ``target``, ``row_loss`` (``(rows,)`` unweighted MSE per row),
+    ``loss`` (the core loss), ``timesteps``, ``noise``, ``noisy_latents``, ``encoder_hidden_states``.
+    May change: nothing.
+    Returns: a scalar tensor added to the loss (terms of all plugins are summed), or ``None``. Like the
+    core loss it is a per-process mean: gradients are averaged over processes and micro-steps.
+    """
+
+
+@hookspec
+def diffsteer_train_save(trainer: "DiffusionTrainer", directory: Path) -> Optional[bool]:
+    """Write this plugin's artifacts when the trained model is exported.
+
+    When: on :meth:`~diffsteer.training.DiffusionTrainer.export` (at the end of ``train()`` into
+    ``<out_dir>/final``), in the main process only, with the EMA weights applied when EMA is on.
+    ``directory`` is a temp directory renamed into place once every writer succeeded.
+    Receives: ``directory``, the (empty) export directory.
+    May change: files inside ``directory``; nothing on the models.
+    Returns: ``True`` when this plugin's files are the whole result (learned embeddings, K/V deltas),
+    so the core skips its default export of the trained models (``unet/``, ``text_encoder/`` and
+    ``tokenizer/``); ``None`` to keep it.
+    """

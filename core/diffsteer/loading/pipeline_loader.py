@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from pydantic import ValidationError
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..models.unet import UNet2DConditionModel
@@ -99,6 +100,18 @@ def _weights_file(folder: Path) -> Path:
     raise ModelLoadError(f"{folder}: no weights file (looked for {', '.join(_WEIGHT_NAMES)})")
 
 
+def _config_problem(exc: ValueError) -> str:
+    """One line per problem, without pydantic's boilerplate."""
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            loc = ".".join(str(x) for x in err["loc"])
+            parts.append(f"{loc}: {msg}" if loc else msg)
+        return "; ".join(parts)
+    return str(exc)
+
+
 def build_model(cls: Any, config: Any, state_dict: dict, *, config_source: str, weights_source: str,
                 dtype: torch.dtype, device: Union[str, torch.device]) -> Any:
     """Build ``cls`` from ``config`` and load ``state_dict`` strictly."""
@@ -107,7 +120,7 @@ def build_model(cls: Any, config: Any, state_dict: dict, *, config_source: str, 
         with torch.device("meta"):
             model = cls.from_config(config)
     except ValueError as exc:
-        raise ModelLoadError(f"{config_source}: {exc}") from None
+        raise ModelLoadError(f"{config_source}: {_config_problem(exc)}") from None
     apply_state_dict(model, state_dict, source=weights_source)
     return model.to(device=device, dtype=dtype).eval()
 

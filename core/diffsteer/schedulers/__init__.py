@@ -1,10 +1,13 @@
 """Diffusion schedulers with diffusers' semantics (same timesteps, step outputs and noise draws), no diffusers.
 
->>> sched = make_scheduler("dpmpp_2m_karras", scheduler_config_json_dict)
->>> sched.set_timesteps(25)
->>> for t in sched.timesteps:
-...     eps = unet(sched.scale_model_input(latents, t), t)
-...     latents = sched.step(eps, t, latents, generator=gen).prev_sample
+Typical use, one fresh scheduler per generation::
+
+    sched = make_scheduler("dpmpp_2m_karras", scheduler_config_json_dict).fresh()
+    sched.set_timesteps(25)
+    latents = noise * sched.init_noise_sigma
+    for t in sched.timesteps:
+        eps = unet(sched.scale_model_input(latents, t), t)
+        latents = sched.step(eps, t, latents, generator=generator).prev_sample
 """
 
 from .base import Scheduler, SchedulerOutput

@@ -50,13 +50,7 @@ class Scheduler(ABC):
 
     def __init__(self, config: ConfigLike = None, **options: float) -> None:
         self.config = self._coerce_config(config)
-        unknown = sorted(set(options) - set(self.option_defaults))
-        if unknown:
-            known = ", ".join(sorted(self.option_defaults)) or "none"
-            raise ValueError(
-                f"{self.diffusers_class_name} has no option {', '.join(map(repr, unknown))} (options: {known})"
-            )
-        self._options = {k: float(options.get(k, v)) for k, v in self.option_defaults.items()}
+        self._options = self._check_options(options)
         for key, value in self._options.items():
             setattr(self, key, value)
 
@@ -66,6 +60,24 @@ class Scheduler(ABC):
         self.num_inference_steps: Optional[int] = None
         self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self._begin_index: Optional[int] = None
+
+    @classmethod
+    def _check_options(cls, options: Mapping[str, Any]) -> dict[str, float]:
+        unknown = sorted(set(options) - set(cls.option_defaults))
+        if unknown:
+            known = ", ".join(sorted(cls.option_defaults)) or "none"
+            raise ValueError(
+                f"{cls.diffusers_class_name} has no config field or option "
+                f"{', '.join(map(repr, unknown))} (its options: {known})"
+            )
+        checked = {}
+        for key, default in cls.option_defaults.items():
+            value = options.get(key, default)
+            try:
+                checked[key] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{cls.diffusers_class_name} option {key!r} must be a number, got {value!r}") from None
+        return checked
 
     @classmethod
     def _coerce_config(cls, config: ConfigLike) -> SchedulerConfig:

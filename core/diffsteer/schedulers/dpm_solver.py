@@ -156,7 +156,9 @@ class DPMSolverScheduler(SigmaScheduler):
         sample = sample.to(torch.float32)
         noise: Optional[torch.Tensor] = None
         if cfg.algorithm_type == "sde-dpmsolver++":
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32
+            )
 
         use_first_order = cfg.solver_order == 1 or self._lower_order_nums < 1 or first_order_final
         prev_sample = self._update(index, sample, noise, second_order=not use_first_order)

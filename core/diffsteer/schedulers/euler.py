@@ -27,7 +27,7 @@ class EulerAncestralConfig(ZeroSnrFields):
 
 
 class EulerConfig(EulerAncestralConfig):
-    """diffusers ``EulerDiscreteScheduler`` fields (beta-distributed sigmas, which need scipy, are not supported)."""
+    """diffusers ``EulerDiscreteScheduler`` fields (beta-distributed sigmas, which need scipy, are unsupported)."""
 
     interpolation_type: Literal["linear", "log_linear"] = "linear"
     use_karras_sigmas: Flag = False

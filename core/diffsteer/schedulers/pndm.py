@@ -1,4 +1,5 @@
-"""PNDM (Liu et al. 2022): pseudo numerical methods on the DDIM transfer, Runge-Kutta warm-up then linear multistep.
+"""PNDM (Liu et al. 2022): pseudo numerical methods on the DDIM transfer; a Runge-Kutta warm-up, then
+linear multistep.
 
 Stable Diffusion 1.x ships it with ``skip_prk_steps=True``: the warm-up is replaced by a second-order
 step that evaluates the model twice at the first timestep's neighbourhood (hence a repeated timestep).
@@ -95,8 +96,14 @@ class PNDMScheduler(Scheduler):
             return self._runge_kutta_step(model_output, int(timestep), sample)
         return self._multistep_step(model_output, int(timestep), sample)
 
-    def _runge_kutta_step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> SchedulerOutput:
-        """One of the four evaluations of an RK4 step; stage k's output moves the step's start sample."""
+    def _runge_kutta_step(
+        self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor
+    ) -> SchedulerOutput:
+        """One of the four model evaluations of an RK4 step.
+
+        Each stage moves the step's start sample (the anchor) with its own noise estimate, to the
+        midpoint for stages 1-3; the fourth moves it to the end with the RK4 average of all four.
+        """
         stage = self._counter % 4
         stride = self.config.num_train_timesteps // self._require_timesteps()
         target = timestep - (0 if self._counter % 2 else stride // 2)
@@ -143,10 +150,10 @@ class PNDMScheduler(Scheduler):
 
     @staticmethod
     def _weighted(history: list[torch.Tensor], weights: tuple[int, ...]) -> torch.Tensor:
-        """sum_i weights[i] * history[-1 - i], accumulated in the order diffusers writes it."""
+        """sum_i weights[i] * history[-1 - i], newest first (the rounding order of the paper's formulas)."""
         total = weights[0] * history[-1]
         for offset, weight in enumerate(weights[1:], start=2):
-            total = total - (-weight) * history[-offset] if weight < 0 else total + weight * history[-offset]
+            total = total + weight * history[-offset]
         return total
 
     def _transfer(self, sample: torch.Tensor, timestep: int, target: int, eps: torch.Tensor) -> SchedulerOutput:

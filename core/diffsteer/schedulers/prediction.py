@@ -17,7 +17,7 @@ Scalar = Union[torch.Tensor, float]
 def split_prediction(
     prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, alpha: Scalar, sigma: Scalar
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(x0, eps)`` implied by ``model_output`` at a step with signal scale ``alpha`` and noise scale ``sigma``.
+    """``(x0, eps)`` implied by ``model_output`` where the signal scale is ``alpha``, the noise scale ``sigma``.
 
     v-prediction (Salimans & Ho 2022) is v = alpha * eps - sigma * x0.
     """

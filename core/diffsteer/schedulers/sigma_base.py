@@ -23,8 +23,9 @@ class SigmaScheduler(Scheduler):
         super().__init__(config, **options)
         cumprod = self.alphas_cumprod
         if getattr(self.config, "rescale_betas_zero_snr", False):
-            # Zero terminal SNR makes the last sigma infinite; diffusers pins abar_T to 2^-24 for the
-            # sigma tables only. ``alphas_cumprod`` itself stays the true training schedule.
+            # Zero terminal SNR makes the last sigma infinite, so diffusers pins abar_T to 2^-24 in these
+            # schedulers. We pin a copy used for sigmas only: ``alphas_cumprod`` (and so get_velocity)
+            # stays the true training schedule.
             cumprod = cumprod.clone()
             cumprod[-1] = ZERO_SNR_ALPHA_CUMPROD
         self._sigma_alphas_cumprod = cumprod

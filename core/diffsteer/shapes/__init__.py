@@ -13,6 +13,7 @@ from .evaluate import (
     dominant_colour,
     dominant_colours,
     evaluate_caption,
+    mask_iou,
     object_count,
     object_mask,
     objects,
@@ -53,11 +54,11 @@ from .world import (
 )
 
 __all__ = [
-    "BACKGROUNDS", "COLOURS", "EXTRA_SHAPES", "POSITIONS", "SHAPES", "SIZES", "VOCAB_WORDS",
-    "CaptionSpec", "CaptionStyle", "DetectedObject", "ObjectSpec", "Scene", "ShapeObject", "ShapesDataset",
-    "background_colour", "bbox", "build_tokenizer", "caption", "centroid", "colour_areas", "conditioning_to_tensor",
+    "BACKGROUNDS", "COLOURS", "EXTRA_SHAPES", "POSITIONS", "SHAPES", "SIZES", "VOCAB_WORDS", "CaptionSpec",
+    "CaptionStyle", "DetectedObject", "ObjectSpec", "Scene", "ShapeObject", "ShapesDataset", "background_colour",
+    "bbox", "build_tokenizer", "caption", "centroid", "colour_areas", "conditioning_to_tensor",
     "connected_components", "dominant_colour", "dominant_colours", "edit_pair", "evaluate_caption", "format_caption",
-    "image_to_tensor", "load_tokenizer", "object_count", "object_mask", "objects", "parse_caption", "render",
-    "render_depth", "render_mask", "render_outline", "sample_scene", "scene_from_caption", "shape_class",
+    "image_to_tensor", "load_tokenizer", "mask_iou", "object_count", "object_mask", "objects", "parse_caption",
+    "render", "render_depth", "render_mask", "render_outline", "sample_scene", "scene_from_caption", "shape_class",
     "shape_scores", "vocab_size",
 ]

@@ -63,9 +63,8 @@ def to_array(img: ImageLike) -> np.ndarray:
 
 
 def _border(arr: np.ndarray, width: int = 2) -> np.ndarray:
-    return np.concatenate(
-        [arr[:width].reshape(-1, 3), arr[-width:].reshape(-1, 3), arr[:, :width].reshape(-1, 3), arr[:, -width:].reshape(-1, 3)]
-    )
+    sides = (arr[:width], arr[-width:], arr[:, :width], arr[:, -width:])
+    return np.concatenate([side.reshape(-1, 3) for side in sides])
 
 
 def _background_rgb(arr: np.ndarray) -> np.ndarray:
@@ -145,7 +144,7 @@ def bbox(img: ImageLike) -> tuple[int, int, int, int] | None:
     return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else None
 
 
-# --- connected components ----------------------------------------------------------------------------------------------
+# --- connected components ---------------------------------------------------------------------------------------------
 
 
 def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -200,7 +199,7 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
-# --- shape classification ----------------------------------------------------------------------------------------------
+# --- shape classification ---------------------------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=None)
@@ -247,7 +246,7 @@ def shape_scores(mask: np.ndarray, candidates: tuple[str, ...] = SHAPES) -> dict
         raise ValueError("empty mask: no shape to classify")
     # Work on a crop around the mask with room for every template and its blur.
     ys, xs = np.nonzero(a)
-    pad = int(math.ceil(1.5 * math.sqrt(area))) + 2
+    pad = int(math.ceil(math.sqrt(area))) + 2
     a = np.pad(a[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1], pad)
     h, w = a.shape
     cx = float((a.sum(axis=0) * (np.arange(w) + 0.5)).sum() / area)
@@ -268,7 +267,7 @@ def shape_class(mask: np.ndarray, candidates: tuple[str, ...] = SHAPES) -> str:
     return min(scores, key=scores.__getitem__)
 
 
-# --- objects -----------------------------------------------------------------------------------------------------------
+# --- objects ----------------------------------------------------------------------------------------------------------
 
 
 def objects(img: ImageLike, min_area: float | None = None) -> list[DetectedObject]:
@@ -317,7 +316,26 @@ def object_count(img: ImageLike) -> int:
     return len(objects(img))
 
 
-# --- captions ----------------------------------------------------------------------------------------------------------
+def mask_iou(img: ImageLike, mask: ImageLike | np.ndarray) -> float:
+    """Intersection over union of the image's object pixels and a reference mask (e.g. ``render_mask(scene)``).
+
+    Measures whether a spatially conditioned generation (ControlNet, T2I-Adapter, depth) put objects where the
+    control image says. ``mask`` is an "L" image or HxW array, "on" above half its range.
+    """
+    ref = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask, dtype=np.float64)
+    if ref.max(initial=0.0) > 1.0:  # 0-255 values
+        ref = ref / 255.0
+    # Half coverage in both: a saturated colour differs from white or black by 255 in some channel. Slightly under
+    # 0.5 so the many exactly-half edge pixels (rounded up in one image, down in the other) count in both.
+    ref_on = ref > 0.49
+    got = object_mask(img, threshold=0.49)
+    if got.shape != ref_on.shape:
+        raise ValueError(f"image is {got.shape} but mask is {ref_on.shape}")
+    union = (got | ref_on).sum()
+    return float((got & ref_on).sum() / union) if union else 1.0
+
+
+# --- captions ---------------------------------------------------------------------------------------------------------
 
 CRITERIA: tuple[str, ...] = ("background", "count", "colour", "both_colours", "shape", "binding", "position", "size")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-# --- the world's vocabulary ------------------------------------------------------------------------------------------
+# --- the world's vocabulary -------------------------------------------------------------------------------------------
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -83,7 +83,7 @@ VOCAB_WORDS: tuple[str, ...] = tuple(
     )
 )
 
-# --- caption specs -----------------------------------------------------------------------------------------------------
+# --- caption specs ----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def parse_caption(caption: str) -> CaptionSpec:
     return CaptionSpec(tuple(objects), background)
 
 
-# --- tokenizer ---------------------------------------------------------------------------------------------------------
+# --- tokenizer --------------------------------------------------------------------------------------------------------
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -163,7 +163,7 @@ MODEL_MAX_LENGTH = 77
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode map (same order as CLIP, so single-character ids match its layout)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -263,9 +263,15 @@ def build_tokenizer(directory: str | os.PathLike[str]) -> Path:
 
 
 def load_tokenizer(directory: str | os.PathLike[str] | None = None):  # -> transformers.CLIPTokenizer
-    """Build (into ``directory`` or a fresh temporary folder) and load the shapes tokenizer."""
+    """Load the shapes tokenizer from ``directory``, building it there first if it holds no vocab.json.
+
+    Without ``directory`` it is built into a fresh temporary folder. An existing folder is never rewritten.
+    """
     from transformers import CLIPTokenizer
 
     if directory is None:
         directory = Path(tempfile.mkdtemp(prefix="diffsteer-shapes-tok-")) / "tokenizer"
-    return CLIPTokenizer.from_pretrained(str(build_tokenizer(directory)))
+    directory = Path(directory)
+    if not (directory / "vocab.json").is_file():
+        build_tokenizer(directory)
+    return CLIPTokenizer.from_pretrained(str(directory))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -91,7 +91,7 @@ class CaptionStyle:
     p_size: float = 0.2
 
 
-# --- geometry ----------------------------------------------------------------------------------------------------------
+# --- geometry ---------------------------------------------------------------------------------------------------------
 
 
 def shape_polygon(shape: str, cx: float, cy: float, r: float) -> np.ndarray | None:
@@ -107,10 +107,8 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> np.ndarray | No
     elif shape == "hexagon":
         v = [(r * math.cos(a), r * math.sin(a)) for a in np.arange(6) * math.pi / 3]
     elif shape == "star":
-        v = [
-            ((r if k % 2 == 0 else 0.42 * r) * math.sin(k * math.pi / 5), -(r if k % 2 == 0 else 0.42 * r) * math.cos(k * math.pi / 5))
-            for k in range(10)
-        ]
+        radii = [r if k % 2 == 0 else 0.42 * r for k in range(10)]  # alternating tips and inner corners
+        v = [(q * math.sin(k * math.pi / 5), -q * math.cos(k * math.pi / 5)) for k, q in enumerate(radii)]
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return np.asarray(v, dtype=np.float64) + np.array([cx, cy])
@@ -163,10 +161,12 @@ def _draw_order(scene: Scene) -> list[ShapeObject]:
 
 
 def _coverage(obj: ShapeObject, size: int, band: float | None = None) -> np.ndarray:
-    return shape_coverage(obj.shape, obj.cx * size, obj.cy * size, obj.size * size, size, size, band=band, ss=_SUPERSAMPLE)
+    return shape_coverage(
+        obj.shape, obj.cx * size, obj.cy * size, obj.size * size, size, size, band=band, ss=_SUPERSAMPLE
+    )
 
 
-# --- rendering ---------------------------------------------------------------------------------------------------------
+# --- rendering --------------------------------------------------------------------------------------------------------
 
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
@@ -211,7 +211,7 @@ def render_depth(scene: Scene, size: int = 64) -> Image.Image:
     return Image.fromarray(np.round(out * 255).astype(np.uint8), "L")
 
 
-# --- captions and sampling ---------------------------------------------------------------------------------------------
+# --- captions and sampling --------------------------------------------------------------------------------------------
 
 
 def describe_object(obj: ShapeObject) -> ObjectSpec:
@@ -269,7 +269,9 @@ def _place(
     for _ in range(200):
         objs: list[ShapeObject] = []
         for spec, shape, colour in zip(specs, shapes, colours):
-            lo, hi = {"small": (MIN_SIZE, SMALL_MAX), "large": (LARGE_MIN, max_size)}.get(spec.size or "", (MIN_SIZE, max_size))
+            lo, hi = {"small": (MIN_SIZE, SMALL_MAX), "large": (LARGE_MIN, max_size)}.get(
+                spec.size or "", (MIN_SIZE, max_size)
+            )
             r = float(rng.uniform(lo, hi))
             xr, yr = _axis_range(spec.position, "x", r), _axis_range(spec.position, "y", r)
             if xr[0] > xr[1] or yr[0] > yr[1]:
@@ -342,7 +344,7 @@ def scene_from_caption(text: str, rng: np.random.Generator | int | None = None) 
     return sample_scene(rng, spec=text)
 
 
-# --- edits (instruct-pix2pix) ------------------------------------------------------------------------------------------
+# --- edits (instruct-pix2pix) -----------------------------------------------------------------------------------------
 
 _COLOUR_EDITS = ("make the {ref} {new}", "turn the {ref} {new}", "change the colour of the {ref} to {new}")
 _SHAPE_EDITS = ("turn the {ref} into a {new}", "make the {ref} a {new}", "change the {ref} into a {new}")
@@ -361,6 +363,9 @@ def edit_pair(
     Objects are referred to as "the circle", or "the red circle" when the shape alone is ambiguous. Both scenes get
     full captions (:func:`caption`), so evaluate_caption(after_image, after.caption) checks an edit.
     """
+    unknown = set(kinds) - set(EDIT_KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"edit kinds must be a non-empty subset of {EDIT_KINDS}, got {list(kinds)}")
     rng = _as_rng(rng)
     before = sample_scene(rng, style=style)
     before.caption = caption(before)
@@ -369,7 +374,7 @@ def edit_pair(
         new = next(b for b in BACKGROUNDS if b != before.background)
         after = Scene(list(before.objects), new)
         instruction = _choice(rng, _BACKGROUND_EDITS).format(new=new)
-    elif kind in ("colour", "shape"):
+    else:
         i = int(rng.integers(len(before.objects)))
         obj = before.objects[i]
         others = {(o.shape, o.colour) for j, o in enumerate(before.objects) if j != i}
@@ -384,13 +389,11 @@ def edit_pair(
             new_obj = replace(obj, shape=_choice(rng, options))
             instruction = _choice(rng, _SHAPE_EDITS).format(ref=ref, new=new_obj.shape)
         after = Scene([new_obj if j == i else o for j, o in enumerate(before.objects)], before.background)
-    else:
-        raise ValueError(f"unknown edit kind {kind!r}; expected one of {EDIT_KINDS}")
     after.caption = caption(after)
     return before, after, instruction
 
 
-# --- dataset -----------------------------------------------------------------------------------------------------------
+# --- dataset ----------------------------------------------------------------------------------------------------------
 
 UNLIMITED = 2**31 - 1
 CONDITIONINGS: tuple[str, ...] = ("outline", "mask", "depth")
@@ -438,7 +441,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"length must be >= 0, got {length}")
         self.length = UNLIMITED if length is None else int(length)
         self.seed, self.size, self.conditioning, self.edits = int(seed), int(size), tuple(conditioning), edits
-        self.style, self.shapes, self.colours, self.backgrounds = style, tuple(shapes), tuple(colours), tuple(backgrounds)
+        self.style = style
+        self.shapes, self.colours, self.backgrounds = tuple(shapes), tuple(colours), tuple(backgrounds)
 
     def __len__(self) -> int:
         return self.length
