@@ -172,6 +172,39 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.what != "shapes":
+        raise SystemExit(f"error: unknown training recipe {args.what!r}; available: shapes")
+    import time
+
+    from .shapes.recipe import ShapesRecipe
+    from .shapes.train import train_shapes
+
+    overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps),
+                                   ("n_images", args.n_images), ("seed", args.seed)) if v is not None}
+    recipe = ShapesRecipe(**overrides)
+    train_shapes(Path(args.out), recipe, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
+    print(args.out)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.what != "shapes":
+        raise SystemExit(f"error: unknown evaluation {args.what!r}; available: shapes")
+    from tqdm.auto import tqdm
+
+    from .pipeline import Pipeline
+    from .shapes.benchmark import score_model
+
+    pipe = Pipeline.from_pretrained(args.model, scheduler="ddim")
+    bar = tqdm(total=args.single + args.double, desc="evaluating", unit="img", disable=args.quiet)
+    score = score_model(pipe, n_single=args.single, n_double=args.double, steps=args.steps,
+                        progress=lambda done, total: bar.update(done - bar.n))
+    bar.close()
+    print(score.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsteer", description="Composable controlled generation.")
     parser.add_argument("--version", action="version", version=f"diffsteer {__version__}")
@@ -201,6 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     plug = sub.add_parser("plugins", help="list installed plugins and the hooks they implement")
     plug.add_argument("--json", action="store_true")
     plug.set_defaults(func=cmd_plugins)
+
+    train = sub.add_parser("train", help="train a model from scratch (recipe: shapes)")
+    train.add_argument("what", choices=["shapes"])
+    train.add_argument("--out", required=True, help="output folder; an interrupted run resumes from it")
+    train.add_argument("--unet-steps", type=int, default=None)
+    train.add_argument("--vae-steps", type=int, default=None)
+    train.add_argument("--n-images", type=int, default=None)
+    train.add_argument("--seed", type=int, default=None)
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="measure a shapes-world model (colour, shape, two-object, background)")
+    ev.add_argument("what", choices=["shapes"])
+    ev.add_argument("--model", default="shapes")
+    ev.add_argument("--single", type=int, default=144, help="single-object prompts")
+    ev.add_argument("--double", type=int, default=72, help="two-object prompts")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("-q", "--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

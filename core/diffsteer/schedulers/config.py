@@ -88,8 +88,8 @@ class ZeroSnrFields(SchedulerConfig):
     rescale_betas_zero_snr: Flag = False
 
 
-class SampleClipFields(SchedulerConfig):
-    """Clipping / dynamic thresholding of the predicted clean sample (DDIM, DDPM, DPM-Solver)."""
+class ThresholdingFields(SchedulerConfig):
+    """Dynamic thresholding of the predicted clean sample (Imagen), known to DDIM, DDPM and DPM-Solver."""
 
     thresholding: Flag = False
     dynamic_thresholding_ratio: float = Field(0.995, gt=0.0, le=1.0)

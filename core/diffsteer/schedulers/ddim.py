@@ -9,11 +9,11 @@ from pydantic import Field
 
 from ..models.random import randn_tensor
 from .base import ConfigLike, Generators, Scheduler, SchedulerOutput, TimestepLike
-from .config import Flag, SampleClipFields, ZeroSnrFields
+from .config import Flag, ThresholdingFields, ZeroSnrFields
 from .prediction import refine_x0, split_prediction
 
 
-class DDIMConfig(ZeroSnrFields, SampleClipFields):
+class DDIMConfig(ZeroSnrFields, ThresholdingFields):
     """diffusers ``DDIMScheduler`` fields."""
 
     clip_sample: Flag = True

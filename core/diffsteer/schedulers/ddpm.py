@@ -9,14 +9,14 @@ from pydantic import Field
 
 from ..models.random import randn_tensor
 from .base import ConfigLike, Generators, Scheduler, SchedulerOutput, TimestepLike
-from .config import Flag, SampleClipFields, ZeroSnrFields
+from .config import Flag, ThresholdingFields, ZeroSnrFields
 from .prediction import refine_x0, split_prediction
 
 #: Floor on the posterior variance: at the last step it is 0 and its log would be -inf.
 MIN_POSTERIOR_VARIANCE = 1e-20
 
 
-class DDPMConfig(ZeroSnrFields, SampleClipFields):
+class DDPMConfig(ZeroSnrFields, ThresholdingFields):
     """diffusers ``DDPMScheduler`` fields (``fixed_large_log`` is not supported: diffusers takes its square
     root as a standard deviation, which is NaN)."""
 

@@ -15,7 +15,7 @@ from pydantic import BeforeValidator, model_validator
 
 from ..models.random import randn_tensor
 from .base import ConfigLike, Generators, SchedulerOutput, TimestepLike
-from .config import Flag, SampleClipFields, Unsupported, ZeroSnrFields
+from .config import Flag, ThresholdingFields, Unsupported, ZeroSnrFields
 from .noise_schedule import exponential_sigmas, karras_sigmas, sigma_to_timestep, spaced_timesteps
 from .prediction import refine_x0, split_prediction
 from .sigma_base import SigmaScheduler
@@ -26,7 +26,7 @@ def _from_sibling_scheduler(aliases: dict[str, str]) -> Any:
     return BeforeValidator(lambda value: aliases.get(value, value) if isinstance(value, str) else value)
 
 
-class DPMSolverConfig(ZeroSnrFields, SampleClipFields):
+class DPMSolverConfig(ZeroSnrFields, ThresholdingFields):
     """diffusers ``DPMSolverMultistepScheduler`` fields.
 
     Not supported (rejected when set): solver order 3, the deprecated non-++ algorithms, learned

@@ -7,11 +7,12 @@ step that evaluates the model twice at the first timestep's neighbourhood (hence
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+import warnings
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
 from .base import ConfigLike, Generators, Scheduler, SchedulerOutput, TimestepLike
 from .config import Flag, SchedulerConfig
@@ -25,22 +26,28 @@ _ADAMS_BASHFORTH: dict[int, tuple[tuple[int, ...], int]] = {
 
 
 class PNDMConfig(SchedulerConfig):
-    """diffusers ``PNDMScheduler`` fields. Zero terminal SNR is rejected: the transfer divides by abar_T."""
+    """diffusers ``PNDMScheduler`` fields.
+
+    PNDM has no ``rescale_betas_zero_snr``: its transfer divides by abar at the last timestep, which
+    that rescale makes 0. diffusers ignores the key silently; we ignore it too (and carry it on to
+    other schedulers) but warn, since the sampler then runs the un-rescaled schedule.
+    """
 
     skip_prk_steps: Flag = False
     set_alpha_to_one: Flag = False
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    # Not a diffusers PNDM field (diffusers silently ignores it); read only so we can refuse it.
-    rescale_betas_zero_snr: Flag = Field(False, exclude=True)
 
-    @model_validator(mode="after")
-    def _no_zero_snr(self) -> "PNDMConfig":
-        if self.rescale_betas_zero_snr:
-            raise ValueError(
-                "field 'rescale_betas_zero_snr': PNDM cannot sample a zero-terminal-SNR schedule "
-                "(its update divides by abar at the last timestep, which is 0); use ddim, euler or dpmpp_2m"
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_zero_snr(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("rescale_betas_zero_snr"):
+            warnings.warn(
+                "PNDM ignores rescale_betas_zero_snr=True (as diffusers does) and samples the un-rescaled "
+                "schedule; use ddim, euler or dpmpp_2m for a zero-terminal-SNR model",
+                UserWarning,
+                stacklevel=2,
             )
-        return self
+        return data
 
 
 class PNDMScheduler(Scheduler):
