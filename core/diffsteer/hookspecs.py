@@ -231,7 +231,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 
 @hookspec
-def diffsteer_train_parameters(trainer: "DiffusionTrainer") -> Optional[list["ParamGroup"]]:
+def diffsteer_train_parameters(trainer: "DiffusionTrainer") -> Optional[list[ParamGroup]]:
     """Choose the parameters that train (and prepare the models for training).
 
     When: once, when the trainer sets up: before the optimizer is built and before a checkpoint is

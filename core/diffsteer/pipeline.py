@@ -133,6 +133,15 @@ class Pipeline:
             scheduler_config=self.scheduler.to_diffusers_config(),
         )
 
+    def save_single_file(self, path: Union[str, os.PathLike]) -> None:
+        """Write UNet, VAE and text encoder as one original-layout (A1111/civitai) ``.safetensors``."""
+        from .loading.single_file import write_single_file
+
+        write_single_file(
+            path, self.unet.state_dict(), self.vae.state_dict(), self.text_encoder.state_dict(),
+            self.unet.config.to_diffusers_dict(), vae_config=self.vae.config.to_diffusers_dict(),
+        )
+
     def with_scheduler(self, scheduler: str, **overrides: Any) -> "Pipeline":
         """A pipeline sharing these models with another scheduler (no weights are copied)."""
         sched = make_scheduler(scheduler, self.scheduler.to_diffusers_config(), **overrides)

@@ -195,8 +195,8 @@ def load_single_file_parts(
                        weights_source=source, dtype=torch_dtype, device=device)
     vae = build_model(AutoencoderKL, info.vae_config, parts["vae"], config_source=source,
                       weights_source=source, dtype=torch.float32, device=device)
-    with torch.device("meta"):
-        text_encoder = CLIPTextModel(CLIPTextConfig(**(info.text_encoder_config or {})))
+    # Not on the meta device: CLIP keeps non-persistent buffers (position ids) outside its state dict.
+    text_encoder = CLIPTextModel(CLIPTextConfig(**(info.text_encoder_config or {})))
     apply_state_dict(text_encoder, align_text_encoder_keys(parts["text_encoder"], text_encoder), source=source)
     text_encoder = text_encoder.to(device=device, dtype=torch_dtype).eval()
     scheduler_config = {**SD_SCHEDULER_CONFIG, "prediction_type": info.prediction_type}

@@ -19,7 +19,7 @@ class ShapesRecipe(BaseModel):
 
     # -- VAE: 64x64x3 <-> 16x16x4 --------------------------------------------------------------------
     vae_block_out_channels: Tuple[int, ...] = (32, 64, 64)
-    vae_steps: int = Field(2400, ge=1)
+    vae_steps: int = Field(1500, ge=1)
     vae_batch_size: int = Field(16, ge=1)
     vae_lr: float = Field(1e-3, gt=0)
     vae_kl_weight: float = Field(1e-6, ge=0)
@@ -30,7 +30,7 @@ class ShapesRecipe(BaseModel):
     text_heads: int = 4
     unet_block_out_channels: Tuple[int, ...] = (64, 128, 128)
     unet_attention_heads: int = 8
-    unet_steps: int = Field(5000, ge=1)
+    unet_steps: int = Field(5500, ge=1)
     unet_batch_size: int = Field(32, ge=1)
     unet_lr: float = Field(5e-4, gt=0)
     unet_warmup_steps: int = Field(200, ge=0)

@@ -12,14 +12,21 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable
 
-import numpy as np
 import torch
+from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..hookspecs import hookimpl
+from ..loading.pipeline_writer import save_pipeline
 from ..loading.weights import load_state_dict, save_state_dict
+from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
+from ..plugins import Plugin
+from ..schedulers import make_scheduler
+from ..training import DiffusionTrainer, InMemoryData, TrainConfig
 from .recipe import ShapesRecipe
+from .vocab import build_tokenizer, load_tokenizer
 from .world import ShapesDataset
 
 Log = Callable[[str], None]
@@ -191,3 +198,75 @@ def encode_dataset(work: Path, vae: AutoencoderKL, images: torch.Tensor, log: Lo
     save_state_dict({"mean": mean, "std": std, "scaling_factor": torch.tensor(scaling)}, f)
     log(f"latents: {tuple(mean.shape)}, scaling_factor {scaling:.4f}")
     return mean, std, scaling
+
+
+# -- stage 4: text encoder + UNet ---------------------------------------------------------------------------
+
+
+class _Pacer(Plugin):
+    """Training plugin of the recipe: re-picks threads and logs progress (uses the train-batch hook)."""
+
+    name = "shapes-pacer"
+
+    def __init__(self, governor: ThreadGovernor, log: Log, total: int, every: int = 50) -> None:
+        super().__init__()
+        self.governor, self.log, self.total, self.every = governor, log, total, every
+        self.t0 = time.time()
+
+    @hookimpl
+    def diffsteer_train_batch(self, trainer: Any, batch: Any) -> None:
+        self.governor.tick()
+        step = trainer.step
+        if step and step % self.every == 0 and trainer.losses:
+            recent = trainer.losses[-self.every:]
+            self.log(f"unet step {step}/{self.total} loss {sum(recent) / len(recent):.4f} "
+                     f"({time.time() - self.t0:.0f}s)")
+
+
+def train_unet(
+    work: Path, recipe: ShapesRecipe, latents: torch.Tensor, captions: list[str], tokenizer: Any, log: Log
+) -> tuple[UNet2DConditionModel, CLIPTextModel, DiffusionTrainer]:
+    """Text encoder and UNet trained jointly from scratch (v-prediction, zero terminal SNR)."""
+    torch.manual_seed(recipe.seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**recipe.text_config(tokenizer)))
+    unet = UNet2DConditionModel.from_config(recipe.unet_config(latents.shape[-1]))
+    config = TrainConfig(
+        steps=recipe.unet_steps, batch_size=recipe.unet_batch_size, lr=recipe.unet_lr,
+        warmup_steps=recipe.unet_warmup_steps, lr_schedule="cosine", ema_decay=recipe.unet_ema_decay,
+        caption_dropout=recipe.caption_dropout, seed=recipe.seed, train_text_encoder=True,
+        checkpoint_every=recipe.checkpoint_every, log_every=50, progress=False,
+    )
+    trainer = DiffusionTrainer(
+        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+        # DDPM gives the forward process for any training timestep (add_noise, get_velocity).
+        scheduler=make_scheduler("ddpm", recipe.scheduler_config()),
+        data=InMemoryData(latents, captions), config=config, out_dir=work / "unet",
+        plugins=[_Pacer(ThreadGovernor(log), log, recipe.unet_steps)],
+    )
+    t0 = time.time()
+    trainer.train(resume=True)
+    log(f"unet: {recipe.unet_steps} steps done ({time.time() - t0:.0f}s this session)")
+    return unet, text_encoder, trainer
+
+
+def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = print) -> Path:
+    """Run (or resume) every stage and write the finished pipeline folder to ``out``."""
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    recipe_file = work / "recipe.json"
+    if recipe_file.is_file() and json.loads(recipe_file.read_text()) != recipe.model_dump(mode="json"):
+        raise ValueError(f"{recipe_file}: this folder holds a run of another recipe; use a new --out")
+    recipe_file.write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
+    log(f"recipe: {recipe.model_dump(mode='json')}")
+    images, captions = render_dataset(work, recipe, log)
+    vae = train_vae(work, recipe, images, log)
+    mean, _, scaling = encode_dataset(work, vae, images, log)
+    tokenizer = load_tokenizer(build_tokenizer(work / "tokenizer"))
+    unet, text_encoder, trainer = train_unet(work, recipe, mean * scaling, captions, tokenizer, log)
+    shipped_vae = AutoencoderKL.from_config({**recipe.vae_config(), "scaling_factor": scaling})
+    shipped_vae.load_state_dict(vae.state_dict())
+    with trainer.ema_weights():
+        save_pipeline(out / "model", unet=unet, vae=shipped_vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      scheduler_config=recipe.scheduler_config())
+    log(f"model written to {out / 'model'}")
+    return out / "model"

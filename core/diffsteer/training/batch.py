@@ -12,8 +12,9 @@ TrainBatch = MutableMapping[str, Any]
 
 #: The data source: dataset indices to a dict with ``latents`` ``(B, C, h, w)`` (VAE-encoded and
 #: scaled) or ``pixel_values`` ``(B, 3, H, W)`` in [-1, 1] (the trainer then needs a VAE), and
-#: ``captions`` (``B`` strings). The same index must always give the same item. Give the callable a
-#: ``__len__`` to have epochs shuffled; without one, indices run 0, 1, 2, ... (unbounded procedural data).
+#: ``captions`` (``B`` strings); optionally per-row ``loss_weight`` and any per-row conditioning. The
+#: same index must always give the same item. Give the callable a ``__len__`` to have epochs shuffled;
+#: without one, indices run 0, 1, 2, ... (unbounded procedural data).
 DataFn = Callable[[list[int]], Mapping[str, Any]]
 
 # Keys of appended rows: the source row's key plus this stride times the append generation, so an

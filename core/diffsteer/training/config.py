@@ -59,7 +59,9 @@ class TrainConfig(BaseModel):
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="clip the global gradient norm; None: off")
     train_text_encoder: bool = Field(False, description="train the text encoder too (default parameter set)")
     mixed_precision: Literal["no", "bf16"] = Field("no", description="autocast the forward passes to bf16")
-    checkpoint_every: Optional[int] = Field(None, ge=1, description="steps between checkpoints; the last step always gets one")
+    checkpoint_every: Optional[int] = Field(
+        None, ge=1, description="steps between checkpoints; the last step always gets one"
+    )
     keep_checkpoints: Optional[int] = Field(2, ge=1, description="newest checkpoints kept; None keeps all")
     log_every: int = Field(10, ge=1, description="steps between log lines and progress-bar updates")
     progress: bool = Field(True, description="show a tqdm bar (main process only)")

@@ -173,11 +173,9 @@ class DiffusionTrainer:
             self.vae.eval()
 
         self._base_lrs = [g.lr if g.lr is not None else cfg.lr for g in groups]
+        decays = [g.weight_decay if g.weight_decay is not None else cfg.weight_decay for g in groups]
         self.optimizer = torch.optim.AdamW(
-            [
-                {"params": g.params, "weight_decay": g.weight_decay if g.weight_decay is not None else cfg.weight_decay}
-                for g in groups
-            ],
+            [{"params": g.params, "weight_decay": wd} for g, wd in zip(groups, decays)],
             lr=cfg.lr,
             betas=cfg.adam_betas,
             eps=cfg.adam_eps,
@@ -229,6 +227,7 @@ class DiffusionTrainer:
         finally:
             bar.close()
         export = self.export()
+        ddp.barrier(proc.world_size)  # the export is complete before any process returns
         return TrainResult(
             losses=list(self.losses), steps=self.step, checkpoint=checkpoint, export=export,
             grad_norms=list(self.grad_norms),
@@ -280,6 +279,9 @@ class DiffusionTrainer:
                     "grad_norms": self.grad_norms,
                     "ema_updates": self.ema.updates if self.ema is not None else 0,
                     "world_size": self.process.world_size,
+                    # The LR schedule is a pure function of (step, config); these make it readable here.
+                    "base_lrs": self._base_lrs,
+                    "lrs": [g["lr"] for g in self.optimizer.param_groups],
                     "config": self.config.model_dump(mode="json"),
                     "parameters": list(self.trainable),
                 },
@@ -385,7 +387,8 @@ class DiffusionTrainer:
         batch: TrainBatch = dict(got)
         batch["captions"] = list(batch["captions"])
         batch["keys"] = torch.tensor(rows, dtype=torch.long)
-        batch["loss_weight"] = torch.ones(len(rows))
+        weight = batch.get("loss_weight", torch.ones(len(rows)))
+        batch["loss_weight"] = torch.as_tensor(weight, dtype=torch.float32)
         return batch
 
     def _check_batch(self, batch: TrainBatch) -> int:
@@ -431,7 +434,8 @@ class DiffusionTrainer:
     def _unet_input(self, inputs: UNetInputs) -> torch.Tensor:
         sample = inputs.sample
         if inputs.extra_channels:
-            sample = torch.cat([sample, *(c.to(device=sample.device, dtype=sample.dtype) for c in inputs.extra_channels)], 1)
+            extra = [c.to(device=sample.device, dtype=sample.dtype) for c in inputs.extra_channels]
+            sample = torch.cat([sample, *extra], dim=1)
         expected = self.unet.config.in_channels
         if sample.shape[1] != expected:
             raise TrainingError(
@@ -467,7 +471,9 @@ class DiffusionTrainer:
             for n, p in self.trainable.items():
                 value = ckpt.trainable[n]
                 if value.shape != p.shape:
-                    raise TrainingError(f"cannot resume from {path}: {n} is {tuple(value.shape)}, model has {tuple(p.shape)}")
+                    raise TrainingError(
+                        f"cannot resume from {path}: {n} is {tuple(value.shape)}, the model's {tuple(p.shape)}"
+                    )
                 p.copy_(value.to(p.dtype))
         self.optimizer.load_state_dict(ckpt.optimizer)
         if self.ema is not None:

@@ -35,7 +35,7 @@ def as_group(value: GroupLike, owner: str) -> ParamGroup:
     elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
         group = ParamGroup(value[0], list(value[1]))
     else:
-        raise TypeError(f"{owner}: diffsteer_train_parameters must return ParamGroup or (name, params) items, got {value!r}")
+        raise TypeError(f"{owner} must return ParamGroup or (name, params) items, got {value!r}")
     group.params = list(group.params)
     for p in group.params:
         if not isinstance(p, torch.nn.Parameter):

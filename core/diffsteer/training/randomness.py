@@ -17,6 +17,9 @@ import torch
 # Distinct streams, so that e.g. the data order of epoch 3 never shares a seed with row 3's noise.
 _ORDER_STREAM = 1
 _ROW_STREAM = 2
+# Larger datasets are read in order: a permutation of them would not fit in memory, and data that
+# large is procedural (ShapesDataset's "unlimited" length is 2**31 - 1), so shuffling gains nothing.
+MAX_SHUFFLED = 1 << 24
 
 
 def derive_seed(*words: int) -> int:
@@ -35,12 +38,15 @@ class DataOrder:
 
     Position ``p = step * rows_per_step + j``. With a known dataset ``size`` the positions run through a
     fresh permutation per epoch (epoch ``p // size``, seeded by ``(seed, epoch)``); without one the
-    dataset is taken as unbounded and read in order (procedural data needs no shuffling).
+    dataset is taken as unbounded and read in order (procedural data needs no shuffling); so is one of
+    more than :data:`MAX_SHUFFLED` items.
     """
 
     def __init__(self, seed: int, rows_per_step: int, size: Optional[int] = None) -> None:
         if size is not None and size < 1:
             raise ValueError(f"the dataset is empty (len(data) == {size})")
+        if size is not None and size > MAX_SHUFFLED:
+            size = None
         self.seed, self.rows_per_step, self.size = seed, rows_per_step, size
         self._cached: tuple[int, torch.Tensor] = (-1, torch.empty(0, dtype=torch.long))
 

@@ -1,0 +1,182 @@
+"""The user docs run: every ```python block of each page executes, in order, against a real model.
+
+Conventions the pages follow (see docs/plugin-authors.md for the reason each exists):
+
+* a block whose first line is ``# not run`` (or ``# not run: why``) is skipped (hub ids, real SD
+  checkpoints);
+* a block whose first line is ``# file: PATH`` is written to ``PATH`` in the page's working
+  directory instead of being run (a plugin package, its tests); a ```toml ``# file: pyproject.toml``
+  block with ``[project.entry-points.diffsteer]`` is "installed" by writing the dist-info that
+  ``pip install -e .`` would write, so ``plugins=["name"]`` resolves through the real entry-point path;
+* when a page wrote files under ``tests/``, they are run with pytest in a subprocess, as a plugin
+  author would run them.
+
+``"shapes"`` is the shipped model when this install has it; otherwise a tiny random SD folder stands
+in for it (images are then 32x32 instead of 64x64, which is why the pages never hard-code sizes).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tiny_sd
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = ["index.md", "getting-started.md", "concepts.md", "plugin-authors.md", "cli.md", "loading.md",
+         "schedulers.md"]
+FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
+NOT_RUN = "# not run"
+FILE = re.compile(r"#\s*file:\s*(\S+)")
+
+
+def blocks(page: str) -> list[tuple[str, int, str]]:
+    """(language, first line number of the code, code) of each fenced block of ``page``."""
+    text = (DOCS / page).read_text()
+    out = []
+    for m in FENCE.finditer(text):
+        line = text.count("\n", 0, m.start(2)) + 1
+        out.append((m.group(1), line, m.group(2)))
+    return out
+
+
+def first_line(code: str) -> str:
+    return code.lstrip("\n").split("\n", 1)[0].strip()
+
+
+def not_run(code: str) -> bool:
+    head = first_line(code)
+    return head == NOT_RUN or head.startswith(NOT_RUN + ":")  # "# not run: why"
+
+
+@pytest.fixture(scope="module")
+def shapes_model(tmp_path_factory):
+    """Make ``"shapes"`` loadable: the shipped model if present, else a tiny random stand-in."""
+    from diffsteer.loading import pipeline_loader
+
+    if (pipeline_loader.shipped_model_dir() / "model_index.json").is_file():
+        yield pipeline_loader.shipped_model_dir()
+        return
+    tiny = build_tiny_sd(tmp_path_factory.mktemp("docs-model"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline_loader, "shipped_model_dir", lambda name=pipeline_loader.SHAPES: tiny)
+        yield tiny
+
+
+def install_entry_points(pyproject: Path) -> None:
+    """Write the ``.dist-info`` that ``pip install -e .`` would, from the page's pyproject.toml."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    dist = project["name"].replace("-", "_")
+    info = pyproject.parent / f"{dist}-{project['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
+    )
+    groups = project.get("entry-points", {})
+    lines = []
+    for group, entries in groups.items():
+        lines.append(f"[{group}]")
+        lines += [f"{name} = {value}" for name, value in entries.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_code_runs(page, shapes_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # what `pip install -e .` of a flat-layout package gives
+    namespace: dict = {"__name__": f"docs.{page}"}
+    wrote_tests = False
+    ran = 0
+    try:
+        for lang, line, code in blocks(page):
+            head = first_line(code)
+            target = FILE.fullmatch(head)
+            if lang in ("python", "toml") and target:
+                path = tmp_path / target.group(1)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(code)
+                if lang == "python":
+                    compile(code, str(path), "exec")  # a written file must at least be valid Python
+                    wrote_tests |= path.relative_to(tmp_path).parts[0] == "tests"
+                elif path.name == "pyproject.toml":
+                    install_entry_points(path)
+                importlib.invalidate_caches()
+            elif lang == "python" and not not_run(code):
+                # Padding keeps the page's line numbers in tracebacks.
+                exec(compile("\n" * (line - 1) + code, f"docs/{page}", "exec"), namespace)
+                ran += 1
+        if wrote_tests:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+                   "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+            res = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+            )
+            assert res.returncode == 0, f"the page's plugin tests failed:\n{res.stdout}\n{res.stderr}"
+            print(res.stdout.strip().splitlines()[-1])
+    finally:
+        for name, module in list(sys.modules.items()):  # the page's plugin package must not leak
+            if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+                del sys.modules[name]
+    assert ran, f"docs/{page} has no runnable python block"
+
+
+def test_pages_skip_few_blocks():
+    """``# not run`` is for what cannot run here (downloads, real checkpoints), not for code that broke."""
+    for page in PAGES:
+        skipped = [line for lang, line, code in blocks(page) if lang == "python" and not_run(code)]
+        run = [line for lang, line, code in blocks(page) if lang == "python" and not not_run(code)]
+        assert len(skipped) <= max(2, len(run) // 3), f"docs/{page}: too many '# not run' blocks at lines {skipped}"
+
+
+def test_documented_cli_commands_parse():
+    """Every ``diffsteer ...`` command shown in a bash block uses options the parser knows."""
+    from diffsteer.cli import build_parser
+
+    parser = build_parser()
+    seen = 0
+    for page in PAGES:
+        for lang, line, code in blocks(page):
+            if lang not in ("bash", "sh", "console"):
+                continue
+            for cmd in code.replace("\\\n", " ").splitlines():
+                cmd = cmd.strip().removeprefix("$ ")
+                if not cmd.startswith("diffsteer "):
+                    continue
+                argv = shlex.split(cmd, comments=True)[1:]
+                if argv in (["--help"], ["--version"], ["generate", "--help"]):
+                    continue
+                try:
+                    parser.parse_args(argv)
+                except SystemExit:
+                    pytest.fail(f"docs/{page}:{line}: `{cmd}` does not parse")
+                seen += 1
+    assert seen >= 5
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def test_links_between_pages_resolve():
+    link = re.compile(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)")
+    for page in [*PAGES, "hooks.md"]:
+        for target, anchor in link.findall((DOCS / page).read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path = DOCS / (target or page)
+            assert path.exists(), f"docs/{page} links to missing {target}"
+            if anchor and path.suffix == ".md":
+                anchors = {slug(h) for h in re.findall(r"^#+ (.*)$", path.read_text(), flags=re.M)}
+                assert anchor in anchors, f"docs/{page} links to missing anchor {target}#{anchor}"
