@@ -442,3 +442,79 @@ def test_hook_reference_is_generated_from_the_specs():
     doc = (ROOT / "docs" / "hooks.md").read_text()
     assert all(f"`{n}(" in doc for n in SPECS)
     assert doc == render(), "docs/hooks.md is stale: run `python -m diffsteer.hookdoc > docs/hooks.md`"
+
+
+# -- plugin-author safety nets ----------------------------------------------------------------------------
+
+
+def test_same_instance_twice_and_misspelt_hook_are_plugin_errors(pipe):
+    rec = Recorder([])
+    with pytest.raises(PluginError, match="'recorder': is listed twice"):
+        run(pipe, [rec, rec])
+
+    class Misspelt(Plugin):
+        name = "misspelt"
+
+        @hookimpl
+        def diffsteer_pre_stpe(self, call, step):
+            pass
+
+    with pytest.raises(PluginError, match="'misspelt'.*diffsteer_pre_stpe"):
+        run(pipe, [Misspelt()])
+
+
+def test_plugins_report_extras_and_see_the_pass_layout(pipe):
+    class Reporter(Plugin):
+        name = "reporter"
+
+        @hookimpl
+        def diffsteer_attention_patches(self, call, register):
+            def observe(layer, probs):
+                rows = call.pass_layout.total
+                call.outputs.setdefault(self.name, []).append((call.pass_name, rows, probs.shape[0]))
+
+            register(AttentionPatch(self.name, "mid_block.*attn1", observe=observe))
+
+        @hookimpl
+        def diffsteer_guidance(self, call, step, predictions):
+            call.predict(step.latents, step.timestep, call.layout.subset(["cond"]), pass_name="probe")
+
+    out = pipe("a circle", num_inference_steps=1, seed=0, output_type="latent", plugins=[Reporter()])
+    seen = out.extras["reporter"]
+    assert ("main", 2, 2) in seen and ("probe", 1, 1) in seen
+
+
+def test_mid_residual_alone_and_float32_residuals_on_bf16(tiny_sd1):
+    bf16 = Pipeline.from_pretrained(tiny_sd1, scheduler="ddim", torch_dtype=torch.bfloat16)
+
+    class MidOnly(Plugin):
+        name = "mid-only"
+
+        @hookimpl
+        def diffsteer_model_inputs(self, call, step, inputs):
+            n, _, h, w = inputs.sample.shape
+            inputs.add_residuals(self.name, mid=torch.ones(n, 64, h // 2, w // 2))  # float32 on purpose
+
+    base = run(bf16)
+    assert not torch.allclose(base, run(bf16, [MidOnly()]))
+
+
+def test_eta_given_at_load_is_kept_unless_the_call_overrides(tiny_sd1):
+    kw = dict(prompt="a circle", num_inference_steps=3, seed=0, output_type="latent")
+    det = Pipeline.from_pretrained(tiny_sd1, scheduler="ddim")(**kw).images
+    noisy = Pipeline.from_pretrained(tiny_sd1, scheduler="ddim", eta=1.0)
+    assert not torch.allclose(noisy(**kw).images, det)
+    assert torch.allclose(noisy(eta=0.0, **kw).images, det)
+
+
+def test_entry_point_name_must_match_plugin_name(pipe, tmp_path, monkeypatch):
+    pkg = tmp_path / "diffsteer_alias"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from diffsteer import Plugin\nclass A(Plugin):\n    name = 'other'\n")
+    info = tmp_path / "diffsteer_alias-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: diffsteer-alias\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[diffsteer]\nalias = diffsteer_alias:A\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError, match="'alias'.*names a plugin called 'other'"):
+        run(pipe, ["alias"])

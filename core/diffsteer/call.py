@@ -32,7 +32,7 @@ class GenerationRequest:
     width: int
     num_images_per_prompt: int
     strength: float
-    eta: float
+    eta: Optional[float]
     clip_skip: Optional[int]
     output_type: str
     seed: Optional[int]
@@ -78,15 +78,16 @@ class UNetInputs:
                 )
 
     def add_residuals(
-        self, owner: str, down: Sequence[torch.Tensor], mid: Optional[torch.Tensor] = None
+        self, owner: str, down: Optional[Sequence[torch.Tensor]] = None, mid: Optional[torch.Tensor] = None
     ) -> None:
-        """Add ControlNet-style residuals (summed with those of other plugins)."""
-        self._check_rows(owner, "a down-block residual", down)
-        if self.down_residuals is not None and len(down) != len(self.down_residuals):
-            raise PluginError(owner, f"gave {len(down)} down residuals, others gave {len(self.down_residuals)}")
-        self.down_residuals = (
-            list(down) if self.down_residuals is None else [a + b for a, b in zip(self.down_residuals, down)]
-        )
+        """Add ControlNet-style residuals (summed with those of other plugins); either part may be omitted."""
+        if down:
+            self._check_rows(owner, "a down-block residual", down)
+            if self.down_residuals is not None and len(down) != len(self.down_residuals):
+                raise PluginError(owner, f"gave {len(down)} down residuals, others gave {len(self.down_residuals)}")
+            self.down_residuals = (
+                list(down) if self.down_residuals is None else [a + b for a, b in zip(self.down_residuals, down)]
+            )
         if mid is not None:
             self._check_rows(owner, "the mid-block residual", [mid])
             self.mid_residual = mid if self.mid_residual is None else self.mid_residual + mid
@@ -111,6 +112,10 @@ class UNetInputs:
                 owner, f"extra channels are {tuple(channels.shape[-2:])}, latents {tuple(self.sample.shape[-2:])}"
             )
         self.extra_channels.append(channels)
+
+
+def _cast(tensors: Optional[list[torch.Tensor]], dtype: torch.dtype) -> Optional[list[torch.Tensor]]:
+    return None if tensors is None else [t.to(dtype) for t in tensors]
 
 
 class GenerationCall:
@@ -147,6 +152,10 @@ class GenerationCall:
         self.step: Optional[StepState] = None
         #: the UNet pass running now ("main", or a plugin's extra pass); attention observers read it.
         self.pass_name: str = ""
+        #: the branch layout of the UNet pass running now (the main layout, or an extra pass's).
+        self.pass_layout: Optional[BranchLayout] = None
+        #: what plugins report back to the caller, keyed by plugin name (``PipelineOutput.extras``).
+        self.outputs: dict[str, Any] = {}
         self._state: dict[int, dict[str, Any]] = {}
 
     # -- conveniences ------------------------------------------------------------------------------
@@ -205,7 +214,8 @@ class GenerationCall:
             layout=layout,
             pass_name=pass_name,
         )
-        previous, self.pass_name = self.pass_name, pass_name
+        previous = (self.pass_name, self.pass_layout)
+        self.pass_name, self.pass_layout = pass_name, layout
         try:
             self.hook.diffsteer_model_inputs(call=self, step=self.step, inputs=inputs)
             unet_input = inputs.sample
@@ -226,10 +236,11 @@ class GenerationCall:
                 unet_input,
                 timestep,
                 inputs.encoder_hidden_states,
-                down_block_additional_residuals=inputs.down_residuals,
-                mid_block_additional_residual=inputs.mid_residual,
-                down_intrablock_additional_residuals=inputs.intrablock_residuals,
+                # Plugins may compute residuals in float32; the UNet adds them in its own dtype.
+                down_block_additional_residuals=_cast(inputs.down_residuals, self.dtype),
+                mid_block_additional_residual=None if inputs.mid_residual is None else inputs.mid_residual.to(self.dtype),
+                down_intrablock_additional_residuals=_cast(inputs.intrablock_residuals, self.dtype),
             )
         finally:
-            self.pass_name = previous
+            self.pass_name, self.pass_layout = previous
         return layout.split(out.float())

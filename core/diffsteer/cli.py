@@ -81,13 +81,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
     if args.from_png:
+        if args.prompt is not None:
+            raise SystemExit("error: --from re-runs a stored generation; give no PROMPT with it")
         params = read_parameters(Path(args.from_png))
         plugin_specs = [(p["name"], p["settings"]) for p in params.get("plugins", [])]
     else:
         if args.prompt is None:
             raise SystemExit("error: give a PROMPT, or --from IMAGE.png to re-run a generation")
+        model = args.model
+        if Path(model).expanduser().is_dir():
+            model = str(Path(model).expanduser().resolve())  # so --from works from any directory
         params = {
-            "model": args.model,
+            "model": model,
             "scheduler": args.scheduler,
             "prompt": args.prompt,
             "negative_prompt": args.negative_prompt,
@@ -97,7 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "height": args.height,
             "width": args.width,
             "seed": args.seed if args.seed is not None else random.randrange(2**31),
-            "eta": 0.0,
+            "eta": args.eta,
             "clip_skip": args.clip_skip,
             "num_images_per_prompt": args.num_images,
             "dtype": args.dtype,
@@ -124,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height=params["height"],
         width=params["width"],
         seed=params["seed"],
-        eta=params.get("eta", 0.0),
+        eta=params.get("eta"),
         clip_skip=params.get("clip_skip"),
         num_images_per_prompt=params["num_images_per_prompt"],
         plugins=plugin_specs,
@@ -205,6 +210,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scheduler_names() -> list[str]:
+    from .schedulers import scheduler_names
+
+    return list(scheduler_names())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsteer", description="Composable controlled generation.")
     parser.add_argument("--version", action="version", version=f"diffsteer {__version__}")
@@ -213,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt", nargs="?", help="the text prompt")
     gen.add_argument("--model", default="shapes", help="model folder, hub id, or 'shapes' (default)")
-    gen.add_argument("--scheduler", default=None, help="ddim, ddpm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm")
+    gen.add_argument("--scheduler", default=None, help="one of: " + ", ".join(_scheduler_names()))
+    gen.add_argument("--eta", type=float, default=None, help="DDIM eta (0 is deterministic)")
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--guidance-scale", type=float, default=7.5)

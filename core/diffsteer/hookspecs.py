@@ -20,6 +20,11 @@ A generation call fires, in order::
     setup → encode_prompt* → guidance_branches → prepare_latents → attention_patches
     for each step:  pre_step → model_inputs → noise_prediction → combine_guidance → guidance → post_step
     decode → teardown (always, even after an error)
+
+A training run (:class:`diffsteer.training.DiffusionTrainer`) fires the training hooks instead::
+
+    train_parameters (once) → for each micro-step: train_batch → train_model_inputs → train_loss
+    train_save (on export)
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ class PipelineOutput:
 
     images: Any
     parameters: dict[str, Any] = field(default_factory=dict)
+    #: What plugins report back (attention maps, masks, ...), keyed by plugin name: ``call.outputs``.
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, amount: float) -> torch.Tensor:
@@ -88,7 +90,7 @@ class Pipeline:
         device: Union[str, torch.device] = "cpu",
         **scheduler_overrides: Any,
     ) -> "Pipeline":
-        """Load a diffusers-format folder, a single-file checkpoint, a hub id, or ``"shapes"``.
+        """Load a diffusers-format folder, a hub id, or ``"shapes"`` (single files: :meth:`from_single_file`).
 
         ``scheduler`` picks a scheduler by name (``"ddim"``, ``"euler_a"``, ...) with the model's
         ``scheduler_config.json``; ``scheduler_overrides`` change its config fields.
@@ -169,7 +171,7 @@ class Pipeline:
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
         plugins: Sequence[PluginSpec] = (),
-        eta: float = 0.0,
+        eta: Optional[float] = None,
         guidance_rescale: float = 0.0,
         clip_skip: Optional[int] = None,
         progress: Optional[ProgressFn] = None,
@@ -178,6 +180,7 @@ class Pipeline:
 
         ``image`` switches to img2img (``strength`` of 1.0 starts from pure noise). ``seed`` makes a
         CPU generator; pass ``generator`` instead to share one. ``plugins`` run in the listed order.
+        ``eta`` (DDIM) overrides the scheduler's own value for this call.
         """
         request = self._request(
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
@@ -188,6 +191,8 @@ class Pipeline:
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         plugin_objs = resolve_plugins(plugins)
+        # Recorded before any work: settings that cannot be serialised fail now, not after generating.
+        parameters = self._parameters(request, plugin_objs)
         pm = make_manager(plugin_objs)
         call = GenerationCall(
             unet=self.unet, vae=self.vae, text=self.text, scheduler=self.scheduler.fresh(), request=request,
@@ -202,7 +207,7 @@ class Pipeline:
             raise
         finally:
             call.hook.diffsteer_teardown(call=call, error=error)
-        return PipelineOutput(images=images, parameters=self._parameters(request, plugin_objs))
+        return PipelineOutput(images=images, parameters=parameters, extras=dict(call.outputs))
 
     def _request(
         self, prompt, negative_prompt, steps, guidance_scale, height, width, seed, strength,
@@ -249,6 +254,7 @@ class Pipeline:
             "width": request.width,
             "seed": request.seed,
             "eta": request.eta,
+            "strength": request.strength,
             "clip_skip": request.clip_skip,
             "num_images_per_prompt": request.num_images_per_prompt,
             "plugins": [{"name": plugin_label(p), "settings": p.settings_dict()} for p in plugins],
@@ -330,7 +336,7 @@ class Pipeline:
         return postprocess(decoded, req.output_type)
 
     def _step_kwargs(self, req: GenerationRequest) -> dict[str, Any]:
-        return {"eta": req.eta} if self.scheduler.name.startswith("ddim") else {}
+        return {"eta": req.eta} if req.eta is not None and self.scheduler.name == "ddim" else {}
 
     def _initial_latents(
         self, call: GenerationCall, latents: Optional[torch.Tensor], image: Optional[ImageInput],

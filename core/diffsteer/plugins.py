@@ -88,6 +88,9 @@ def load_plugin_class(name: str) -> type[Plugin]:
     obj = eps[name].load()
     if not (isinstance(obj, type) and issubclass(obj, Plugin)):
         raise PluginError(name, f"entry point {eps[name].value!r} is not a diffsteer.Plugin subclass")
+    if obj.name and obj.name != name:
+        # Generation metadata records Plugin.name; --from must find the plugin again by that name.
+        raise PluginError(name, f"entry point {eps[name].value!r} names a plugin called {obj.name!r}")
     return obj
 
 
@@ -133,10 +136,20 @@ def make_manager(plugins: Sequence[Plugin]) -> pluggy.PluginManager:
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    seen: set[int] = set()
     for index in reversed(range(len(plugins))):
         plugin = plugins[index]
-        pm.register(plugin, name=f"{plugin_label(plugin)}#{index}")
-    pm.check_pending()
+        if id(plugin) in seen:
+            raise PluginError(plugin_label(plugin), "is listed twice; pass two instances to run it twice")
+        seen.add(id(plugin))
+        try:
+            pm.register(plugin, name=f"{plugin_label(plugin)}#{index}")
+        except pluggy.PluginValidationError as exc:  # a misspelt hook or an unknown argument
+            raise PluginError(plugin_label(plugin), str(exc)) from None
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(plugin_label(exc.plugin) if isinstance(exc.plugin, Plugin) else "?", str(exc)) from None
     for hook, place in _EXCLUSIVE_PLACES.items():
         impls = getattr(pm.hook, hook).get_hookimpls()
         if len(impls) > 1:
