@@ -1,113 +1,14 @@
-"""Shared fixtures: tiny random SD-architecture models written by diffusers itself (the oracle)."""
+"""Core test settings; the fixtures come from diffsteer's fixture kit (diffsteer.testing.fixtures)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
 import torch
+
+from diffsteer.testing import SD1_SCHEDULER, SD2_SCHEDULER, build_tiny_sd, tiny_unet_config  # noqa: F401
 
 # Tests are small; one thread avoids oversubscribing the 2-core CI machine.
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-SD1_SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
-SD2_SCHEDULER = {
-    **SD1_SCHEDULER,
-    "prediction_type": "v_prediction",
-    "rescale_betas_zero_snr": True,
-    "timestep_spacing": "trailing",
-    "steps_offset": 0,
-}
-
-
-def tiny_unet_config(kind: str) -> dict:
-    base = dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=16,
-    )
-    if kind == "sd1":
-        base.update(attention_head_dim=8)
-    else:
-        base.update(
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            upcast_attention=True,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        )
-    return base
-
-
-def build_tiny_sd(root: Path, kind: str = "sd1", seed: int = 0) -> Path:
-    """Write a tiny random Stable Diffusion folder with diffusers' own ``save_pretrained``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from diffsteer.shapes.vocab import build_tokenizer, load_tokenizer
-
-    tok_dir = build_tokenizer(root / "_tokenizer")
-    tokenizer = load_tokenizer(tok_dir)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config(kind))
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=32,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=3,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-        )
-    )
-    scheduler = DDIMScheduler.from_config(SD1_SCHEDULER if kind == "sd1" else SD2_SCHEDULER)
-    pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    out = root / kind
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny"), "sd1")
-
-
-@pytest.fixture(scope="session")
-def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny"), "sd2")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_sd
+from diffsteer.testing import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

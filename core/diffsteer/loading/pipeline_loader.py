@@ -196,7 +196,9 @@ def load_single_file_parts(
     vae = build_model(AutoencoderKL, info.vae_config, parts["vae"], config_source=source,
                       weights_source=source, dtype=torch.float32, device=device)
     # Not on the meta device: CLIP keeps non-persistent buffers (position ids) outside its state dict.
-    text_encoder = CLIPTextModel(CLIPTextConfig(**(info.text_encoder_config or {})))
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)  # the file cannot say; the tokenizer can
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**(info.text_encoder_config or {}), **special}))
     apply_state_dict(text_encoder, align_text_encoder_keys(parts["text_encoder"], text_encoder), source=source)
     text_encoder = text_encoder.to(device=device, dtype=torch_dtype).eval()
     scheduler_config = {**SD_SCHEDULER_CONFIG, "prediction_type": info.prediction_type}

@@ -1,0 +1,40 @@
+"""pytest fixtures of the diffsteer fixture kit (see :mod:`diffsteer.testing`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD 1.x-like model folder (epsilon, 32x32 images)."""
+    from . import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny"), "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD 2.x-like model folder (v-prediction, zero terminal SNR, linear projections)."""
+    from . import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny"), "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_sd1: Path) -> Any:
+    """A diffsteer Pipeline on ``tiny_sd1`` with DDIM."""
+    from diffsteer.pipeline import Pipeline
+
+    return Pipeline.from_pretrained(tiny_sd1, scheduler="ddim")
+
+
+@pytest.fixture(scope="session")
+def shapes_pipe() -> Any:
+    """The shipped shapes model with DDIM (the model card's sampling settings)."""
+    from diffsteer.pipeline import Pipeline
+
+    return Pipeline.from_pretrained("shapes", scheduler="ddim")
