@@ -101,15 +101,16 @@ def test_clip_skip_changes_the_embeddings(pipe):
     assert not torch.allclose(base, skip)
 
 
-def test_bf16_pipeline_runs_end_to_end_close_to_fp32(tiny_sd1):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pipeline_runs_end_to_end_close_to_fp32(tiny_sd1, dtype):
     fp32 = Pipeline.from_pretrained(tiny_sd1, scheduler="ddim")
-    bf16 = Pipeline.from_pretrained(tiny_sd1, scheduler="ddim", torch_dtype=torch.bfloat16)
-    assert bf16.unet.dtype == torch.bfloat16 and bf16.vae.dtype == torch.float32
+    half = Pipeline.from_pretrained(tiny_sd1, scheduler="ddim", torch_dtype=dtype)
+    assert half.unet.dtype == dtype and half.text_encoder.dtype == dtype and half.vae.dtype == torch.float32
     kw = dict(prompt="a red circle", num_inference_steps=4, seed=0, output_type="np")
-    a, b = fp32(**kw).images, bf16(**kw).images
+    a, b = fp32(**kw).images, half(**kw).images
     mse = float(((a - b) ** 2).mean())
     psnr = 10 * np.log10(1.0 / max(mse, 1e-12))
-    print(f"tiny random model bf16 vs fp32 PSNR: {psnr:.1f} dB")
+    print(f"tiny random model {dtype} vs fp32 PSNR: {psnr:.1f} dB")
     assert psnr > 30
 
 

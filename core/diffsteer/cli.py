@@ -216,6 +216,14 @@ def _scheduler_names() -> list[str]:
     return list(scheduler_names())
 
 
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from .scaffold import new_plugin
+
+    target = new_plugin(args.name, args.directory)
+    print(f"{target}\n  pip install -e {target}    # then: plugins=[{args.name!r}] or --plugin {args.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsteer", description="Composable controlled generation.")
     parser.add_argument("--version", action="version", version=f"diffsteer {__version__}")
@@ -264,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("-q", "--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    new = sub.add_parser("new-plugin", help="scaffold a plugin package (pyproject, entry point, settings, test, docs)")
+    new.add_argument("name", help="the plugin name, e.g. my-guidance")
+    new.add_argument("--directory", default=".", help="where to create the NAME folder")
+    new.set_defaults(func=cmd_new_plugin)
     return parser
 
 
