@@ -1,12 +1,11 @@
-"""Core test settings; the fixtures come from diffsteer's fixture kit (diffsteer.testing.fixtures)."""
+"""Core test settings. Fixtures (tiny_sd1, tiny_sd2, tiny_pipe, shapes_pipe) come from diffsteer's
+fixture kit, `diffsteer.testing.fixtures`, which pytest loads through its entry point."""
 
 from __future__ import annotations
 
 import os
 
 import torch
-
-from diffsteer.testing import SD1_SCHEDULER, SD2_SCHEDULER, build_tiny_sd, tiny_unet_config  # noqa: F401
 
 # Tests are small; one thread avoids oversubscribing the 2-core CI machine.
 torch.set_num_threads(1)

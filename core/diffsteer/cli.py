@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -40,17 +38,12 @@ def _save_png(image: Any, path: Path, parameters: dict[str, Any]) -> None:
     """Write a PNG with the call's parameters in its metadata, atomically (temp file, then rename)."""
     from PIL.PngImagePlugin import PngInfo
 
+    from .atomic import atomic_file
+
     info = PngInfo()
     info.add_text(METADATA_KEY, json.dumps(parameters, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_parameters(path: Path) -> dict[str, Any]:

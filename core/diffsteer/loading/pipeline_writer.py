@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..atomic import atomic_directory
 from .weights import save_state_dict
 
 DIFFSTEER_VERSION_KEY = "_diffsteer_version"
@@ -41,9 +40,7 @@ def save_pipeline(
     from .. import __version__
 
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_directory(target) as tmp:
         write_json(
             tmp / "model_index.json",
             {
@@ -65,15 +62,4 @@ def save_pipeline(
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "scheduler").mkdir()
         write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

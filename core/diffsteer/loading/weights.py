@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffsteer.atomic import atomic_file
 from diffsteer.loading.errors import WeightsError
 
 __all__ = ["PICKLE_SUFFIXES", "SAFETENSORS_SUFFIX", "apply_state_dict", "load_state_dict", "save_state_dict"]
@@ -165,21 +165,11 @@ def save_state_dict(
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise WeightsError("safetensors metadata must map str to str", source=p)
     tensors = _independent(state_dict, p)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=dict(metadata) if metadata is not None else None)
-        with open(tmp, "rb") as f:  # flush to disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, (OSError, SafetensorError, ValueError, RuntimeError)):
-            raise WeightsError(f"could not write weights: {exc}", source=p) from None
-        raise
+        with atomic_file(p) as tmp:
+            save_file(tensors, str(tmp), metadata=dict(metadata) if metadata is not None else None)
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"could not write weights: {exc}", source=p) from None
 
 
 def _independent(state_dict: Mapping[str, torch.Tensor], p: Path) -> dict[str, torch.Tensor]:

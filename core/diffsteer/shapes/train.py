@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..atomic import atomic_file
 from ..hookspecs import hookimpl
 from ..loading.pipeline_writer import save_pipeline
 from ..loading.weights import load_state_dict, save_state_dict
@@ -35,11 +36,11 @@ Log = Callable[[str], None]
 # -- threads ---------------------------------------------------------------------------------------------
 
 
-def _cpu_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+def _cpu_busy() -> float:
+    """Busy (non-idle) jiffies of the whole machine since boot, from /proc/stat."""
     fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
-    return sum(fields) - idle, sum(fields)
+    return sum(fields) - idle
 
 
 class ThreadGovernor:
@@ -61,9 +62,9 @@ class ThreadGovernor:
     @staticmethod
     def _sample() -> tuple[float, float, float]:
         try:
-            busy, total = _cpu_busy()
+            busy = _cpu_busy()
         except OSError:  # not Linux: assume the machine is ours
-            busy = total = 0.0
+            busy = 0.0
         return time.monotonic(), time.process_time(), busy / (os.sysconf("SC_CLK_TCK") or 100)
 
     def _set(self, threads: int, other: float) -> None:
@@ -101,9 +102,8 @@ def render_dataset(work: Path, recipe: ShapesRecipe, log: Log) -> tuple[torch.Te
         images[i] = ((item["pixel_values"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         captions.append(item["caption"])
     save_state_dict({"images": images}, images_file)
-    tmp = captions_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(captions))
-    os.replace(tmp, captions_file)
+    with atomic_file(captions_file) as tmp:
+        tmp.write_text(json.dumps(captions))
     log(f"data: rendered {recipe.n_images} scenes in {time.time() - t0:.0f}s")
     return images, captions
 
@@ -173,9 +173,8 @@ def train_vae(work: Path, recipe: ShapesRecipe, images: torch.Tensor, log: Log) 
 
 
 def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 # -- stage 3: latents -------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
+
+from ..atomic import atomic_directory
 from functools import lru_cache
 from pathlib import Path
 
@@ -229,10 +230,8 @@ def build_tokenizer(directory: str | os.PathLike[str]) -> Path:
     and renamed into place, so a reader never sees a half-written tokenizer.
     """
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
         (tmp / "merges.txt").write_text(
             "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
@@ -248,17 +247,6 @@ def build_tokenizer(directory: str | os.PathLike[str]) -> Path:
             **special,
         }
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-        if target.exists():
-            # os.replace cannot overwrite a non-empty directory: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

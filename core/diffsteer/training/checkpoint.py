@@ -15,19 +15,17 @@ only when complete, so a crash mid-write leaves either the whole checkpoint or n
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_directory
 from ..loading.weights import load_state_dict, save_state_dict
 
 CHECKPOINTS = "checkpoints"
@@ -37,40 +35,6 @@ _NAME = re.compile(r"^step-(\d{8,})$")
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-@contextmanager
-def atomic_directory(target: Union[str, os.PathLike[str]]) -> Iterator[Path]:
-    """Yield a temp directory that becomes ``target`` when the block succeeds, and vanishes if it fails.
-
-    The temp directory lives next to ``target`` (same filesystem, so the rename is atomic). An existing
-    ``target`` is replaced only after the new one is complete.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync_tree(root: Path) -> None:
-    # Data must be on disk before the rename publishes the directory, or a power loss could publish
-    # a complete-looking checkpoint with empty files.
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def remove_stale_temporaries(root: Path) -> None:

@@ -1,0 +1,59 @@
+"""The shipped shapes model: it loads offline by name, draws what captions say, and runs in bf16.
+
+The full figures (≥200 images) come from `diffsteer eval shapes` and are in docs/shapes-model.md;
+these tests use a smaller sample so CI stays fast, with thresholds a little under the card's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from diffsteer.loading.pipeline_loader import shipped_model_dir
+from diffsteer.pipeline import Pipeline
+from diffsteer.shapes import evaluate_caption
+from diffsteer.shapes.benchmark import EVAL_SEED_BASE, score_model
+
+
+def test_shapes_model_is_shipped_and_small():
+    root = shipped_model_dir()
+    index = json.loads((root / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    print(f"shipped shapes model: {size / 2**20:.1f} MiB")
+    assert size < 40 * 2**20
+    sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["rescale_betas_zero_snr"] and sched["prediction_type"] == "v_prediction"
+
+
+def test_a_local_folder_named_shapes_takes_precedence(tmp_path, monkeypatch, tiny_sd1):
+    import shutil
+
+    shutil.copytree(tiny_sd1, tmp_path / "shapes")
+    monkeypatch.chdir(tmp_path)
+    assert Pipeline.from_pretrained("shapes").unet.config.block_out_channels[0] == 32
+
+
+def test_captions_are_followed(shapes_pipe):
+    score = score_model(shapes_pipe, n_single=48, n_double=24, steps=20)
+    print("\n" + score.table())
+    assert score.colour >= 0.95
+    assert score.shape >= 0.85
+    assert score.two_object >= 0.8
+    assert score.background >= 0.97
+
+
+def test_bf16_stays_close_to_fp32(shapes_pipe):
+    bf16 = Pipeline.from_pretrained("shapes", scheduler="ddim", torch_dtype=torch.bfloat16)
+    prompts = ["a red circle on a white background", "a blue square and a yellow triangle on a black background"]
+    kw = dict(num_inference_steps=20, output_type="np")
+    gens = lambda: [torch.Generator().manual_seed(EVAL_SEED_BASE + i) for i in range(len(prompts))]  # noqa: E731
+    a = shapes_pipe(prompts, generator=gens(), **kw).images
+    b = bf16(prompts, generator=gens(), **kw).images
+    psnr = 10 * np.log10(1.0 / float(((a - b) ** 2).mean()))
+    print(f"shapes model bf16 vs fp32 PSNR: {psnr:.1f} dB")
+    assert psnr > 25
+    for img, prompt in zip(b, prompts):
+        assert evaluate_caption((img * 255).round().astype(np.uint8), prompt)["colour"]
