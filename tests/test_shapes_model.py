@@ -41,7 +41,7 @@ def test_captions_are_followed(shapes_pipe):
     print("\n" + score.table())
     assert score.colour >= 0.95
     assert score.shape >= 0.85
-    assert score.two_object >= 0.8
+    assert score.two_object >= 0.7  # the card measures 83% on 72 prompts; 24 here vary by about ±8 points
     assert score.background >= 0.97
 
 

@@ -45,7 +45,7 @@ class PromptWeighting(Plugin):
         )
         min_chunks: int = Field(
             1, ge=1, le=64,
-            description="pad every text of the call to at least this many 77-token chunks (room for long branch prompts)",
+            description="pad every text of the call to at least this many 77-token chunks (for long branch prompts)",
         )
         normalize_emphasis: bool = Field(
             True, description="a1111 only: keep each chunk's mean after weighting (A1111 'Original'; False: 'No norm')"

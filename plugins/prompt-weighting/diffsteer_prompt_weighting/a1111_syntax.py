@@ -56,7 +56,8 @@ def parse_a1111(prompt: str) -> Conjunction:
             if m is None:
                 break
             if stack:
-                raise error("BREAK cannot be inside brackets", where[m.start() + len(m.group(0)) - len(m.group(0).lstrip())])
+                word = m.start() + len(m.group(0)) - len(m.group(0).lstrip())
+                raise error("BREAK cannot be inside brackets", where[word])
             res.append([None, None, where[m.start()]])
             cut = m.end()
         buf.clear()

@@ -106,6 +106,7 @@ class WeightedPromptEncoder:
         self.eos = int(tokenizer.eos_token_id)
         self.pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
         self._plans: dict[str, EncodingPlan] = {}
+        self._empty: Optional[torch.Tensor] = None
         self._token_text: dict[int, str] = {}
         comma = tokenizer.convert_tokens_to_ids(",</w>")
         self.comma = comma if isinstance(comma, int) and comma != tokenizer.unk_token_id else None
@@ -250,39 +251,41 @@ class WeightedPromptEncoder:
             longest = max(plans, key=lambda p: p.chunks)
             raise ValueError(f"{longest.text!r} needs {longest.chunks} chunks, more than the {chunks} allowed")
         rows = _Rows(self)
-        empty = rows.add(self._empty_ids())
-        builders = [self._build(plan, rows, empty) for plan in plans]
+        builders = [self._build(plan, rows) for plan in plans]
         rows.run()
-        empty_z = rows[empty]
         out = []
         for build in builders:
             z = build()
             missing = chunks - z.shape[0] // self.length
             if missing:
-                z = torch.cat([z, empty_z.repeat(missing, 1)])
+                z = torch.cat([z, self.empty_chunk().repeat(missing, 1)])
             out.append(z)
         return torch.stack(out)
 
-    def _empty_ids(self) -> torch.Tensor:
-        ids = torch.full((self.length,), self.pad, dtype=torch.long)
-        ids[0], ids[1] = self.bos, self.eos
-        return ids
+    def empty_chunk(self) -> torch.Tensor:
+        """Hidden states ``(77, hidden)`` of the empty chunk ``[BOS, EOS, pad, ...]``: the padding, and the origin
+        that compel's weights scale from. Encoded on its own (so plain prompts batch exactly as in the core)."""
+        if self._empty is None:
+            ids = torch.full((1, self.length), self.pad, dtype=torch.long)
+            ids[0, 0], ids[0, 1] = self.bos, self.eos
+            self._empty = self.run_encoder(ids, None)[0]
+        return self._empty
 
-    def _build(self, plan: EncodingPlan, rows: "_Rows", empty: int) -> Callable[[], torch.Tensor]:
+    def _build(self, plan: EncodingPlan, rows: "_Rows") -> Callable[[], torch.Tensor]:
         """Queue the encoder rows ``plan`` needs; the returned function assembles its ``(tokens, hidden)``."""
         builders = []
         for node, part in zip(plan.tree.parts, plan.parts):
             if isinstance(node, Blend):
-                builders.append(self._build_blend(node, part, rows, empty))
+                builders.append(self._build_blend(node, part, rows))
             else:
-                builders.append(self._build_prompt(part, rows, empty))
+                builders.append(self._build_prompt(part, rows))
 
         def assemble() -> torch.Tensor:
             outs = []
             for weight, build in zip(plan.tree.weights, builders):
                 z = build()
                 if weight != 1:  # a weighted .and() part: scale its difference from the empty prompt
-                    base = rows[empty].repeat(z.shape[0] // self.length, 1)
+                    base = self.empty_chunk().repeat(z.shape[0] // self.length, 1)
                     z = base + (z - base) * weight
                 outs.append(z)
             return torch.cat(outs)
@@ -290,14 +293,14 @@ class WeightedPromptEncoder:
         return assemble
 
     def _build_blend(
-        self, blend: Blend, prompts: list[ChunkedPrompt], rows: "_Rows", empty: int
+        self, blend: Blend, prompts: list[ChunkedPrompt], rows: "_Rows"
     ) -> Callable[[], torch.Tensor]:
-        builders = [self._build_prompt(p, rows, empty) for p in prompts]
+        builders = [self._build_prompt(p, rows) for p in prompts]
 
         def assemble() -> torch.Tensor:
             zs = [b() for b in builders]
             longest = max(z.shape[0] for z in zs)
-            zs = [torch.cat([z, rows[empty].repeat((longest - z.shape[0]) // self.length, 1)]) for z in zs]
+            zs = [torch.cat([z, self.empty_chunk().repeat((longest - z.shape[0]) // self.length, 1)]) for z in zs]
             w = torch.tensor(blend.weights, dtype=zs[0].dtype, device=zs[0].device)
             if blend.normalize:
                 w = w / w.sum()
@@ -305,7 +308,7 @@ class WeightedPromptEncoder:
 
         return assemble
 
-    def _build_prompt(self, chunked: ChunkedPrompt, rows: "_Rows", empty: int) -> Callable[[], torch.Tensor]:
+    def _build_prompt(self, chunked: ChunkedPrompt, rows: "_Rows") -> Callable[[], torch.Tensor]:
         base = [rows.add(chunked.ids[c]) for c in range(chunked.chunks)]
         variants = []  # compel: (lerp weight, row handles) of each masked-out fragment
         for weight, first, last in chunked.downweighted:
@@ -325,13 +328,13 @@ class WeightedPromptEncoder:
                 if self.syntax == "compel":
                     identity = (w == 1).unsqueeze(-1).expand_as(z)
                     if not bool(identity.all()):
-                        e = rows[empty]
+                        e = self.empty_chunk()
                         z = torch.where(identity, z, e + (z - e) * w.unsqueeze(-1))
                 elif not bool((w == 1).all()):
                     mean = z.mean()
                     z = z * w.unsqueeze(-1)
                     if self.normalize_emphasis:
-                        z = z * (mean / z.mean())
+                        z = z * _mean_ratio(mean, z)
                 out.append(z)
             return torch.cat(out)
 
@@ -365,6 +368,17 @@ class WeightedPromptEncoder:
         out = encoder(ids, attention_mask=mask, output_hidden_states=True)
         norm = getattr(encoder, "text_model", encoder).final_layer_norm
         return norm(out.hidden_states[-(self.clip_skip + 1)]).float()
+
+
+def _mean_ratio(before: torch.Tensor, weighted: torch.Tensor) -> torch.Tensor:
+    """A1111's rescaling factor ``before / weighted.mean()``, or 1 when either mean is negligible next to the
+    values' typical size (|mean| < 1e-3 · mean |z|): a text encoder whose final layer norm has no bias gives
+    hidden states of mean ~0, and the ratio of two such means is rounding noise, not a scale."""
+    after = weighted.mean()
+    floor = 1e-3 * weighted.abs().mean()
+    if before.abs() < floor or after.abs() < floor:
+        return torch.ones((), dtype=weighted.dtype, device=weighted.device)
+    return before / after
 
 
 class _Rows:

@@ -3,7 +3,7 @@
 Both syntaxes (:mod:`.compel_syntax`, :mod:`.a1111_syntax`) parse a prompt string into the same small tree, which
 :mod:`.encoder` turns into embeddings::
 
-    Conjunction(parts=[Prompt | Blend, ...], weights=[...])   # ("a", "b").and()  -> parts side by side on the token axis
+    Conjunction(parts=[Prompt | Blend, ...], weights=[...])   # ("a", "b").and() -> parts side by side (token axis)
     Blend(prompts=[Prompt, ...], weights=[...], normalize)    # ("a", "b").blend(0.7, 0.3) -> a weighted sum
     Prompt(fragments=[Fragment | Break, ...])                 # text runs, each with one weight
 """
