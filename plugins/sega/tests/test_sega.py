@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
-from pydantic import BaseModel, ConfigDict
 
-from diffsteer import Plugin, PluginError, SettingsError, hookimpl
+from diffsteer import PluginError, SettingsError
 from diffsteer.cli import read_parameters
 from diffsteer.pipeline import Pipeline
 from diffsteer.testing import max_abs_diff
@@ -32,85 +31,12 @@ def run(pipe, plugins=(), **kw):
     return pipe(plugins=list(plugins), **args)
 
 
-# -- helper plugins that stack with SEGA -------------------------------------------------------------------
-
-
-def skip_shapes(config, height, width):
-    """(channels, h, w) of each UNet skip connection, where ControlNet residuals go."""
-    shapes = [(config.block_out_channels[0], height, width)]
-    for i, channels in enumerate(config.block_out_channels):
-        shapes += [(channels, height, width)] * config.layers()[i]
-        if i < len(config.block_out_channels) - 1:
-            height, width = (height + 1) // 2, (width + 1) // 2
-            shapes.append((channels, height, width))
-    return shapes
-
-
-class Hint(Plugin):
-    """A ControlNet stand-in: fixed random per-image residuals on every skip connection and the mid block."""
-
-    name = "hint"
-
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        strength: float = 0.5
-        seed: int = 0
-
-    def __init__(self, log=None, **kw):
-        super().__init__(**kw)
-        self.log = log if log is not None else []
-
-    @hookimpl
-    def diffsteer_model_inputs(self, call, step, inputs):
-        state = call.state_for(self)
-        if "per_image" not in state:
-            g = torch.Generator().manual_seed(self.settings.seed)
-            shapes = skip_shapes(call.unet.config, *inputs.sample.shape[-2:])
-            state["per_image"] = [
-                self.settings.strength * torch.randn(call.batch_size, *s, generator=g) for s in shapes
-            ]
-        self.log.append(list(inputs.layout.names))
-        per_image = state["per_image"]
-        residuals = [inputs.layout.repeat(r).to(call.device, call.dtype) for r in per_image]
-        inputs.add_residuals(self.name, residuals)
-
-
-class Push(Plugin):
-    """Adds its own guidance branch (a concept push, like the docs' Concept plugin)."""
-
-    name = "push"
-
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        text: str = "green"
-        scale: float = 2.0
-
-    @hookimpl
-    def diffsteer_guidance_branches(self, call, branches):
-        branches.add("push", call.encode_per_image([self.settings.text] * len(call.request.prompts)), owner=self.name)
-
-    @hookimpl
-    def diffsteer_guidance(self, call, step, predictions):
-        return self.settings.scale * (predictions["push"] - predictions["uncond"])
-
-
-class PlainCfg(Plugin):
-    """Replaces the guidance formula with the same formula (an exclusive hook SEGA must not collide with)."""
-
-    name = "plain-cfg"
-
-    @hookimpl
-    def diffsteer_combine_guidance(self, call, step, predictions):
-        u, c = predictions["uncond"], predictions["cond"]
-        return u + call.request.guidance_scale * (c - u)
-
-
 # -- plumbing ------------------------------------------------------------------------------------------------
 
 
-def test_concepts_are_branches_of_the_one_batched_unet_call(pipe):
+def test_concepts_are_branches_of_the_one_batched_unet_call(pipe, partners):
     log = []
-    out = run(pipe, [Sega(concepts=[RED, BLUE]), Hint(log, strength=0.0)], prompt=["a circle", "a square"],
+    out = run(pipe, [Sega(concepts=[RED, BLUE]), partners.Hint(log, strength=0.0)], prompt=["a circle", "a square"],
               num_images_per_prompt=2)
     assert out.images.shape[0] == 4
     assert log and all(names == ["uncond", "cond", "sega:0", "sega:1"] for names in log)
@@ -152,35 +78,35 @@ def test_bf16_runs_and_stays_close_to_fp32(tiny_sd1, pipe):
 # -- composition -------------------------------------------------------------------------------------------
 
 
-def test_stacks_with_a_residual_plugin_and_another_branch_plugin(pipe):
+def test_stacks_with_a_residual_plugin_and_another_branch_plugin(pipe, partners):
     """Residuals follow SEGA's rows; another plugin's branch sits beside them; each keeps its effect."""
     sega = Sega(concepts=[RED, BLUE], momentum_scale=0.2)
     alone = run(pipe, [sega]).images
     # Inert partners (zero residuals, zero push) leave SEGA's result as it was (up to batch-size rounding).
-    inert = run(pipe, [Hint(strength=0.0), sega, Push(scale=0.0)]).images
+    inert = run(pipe, [partners.Hint(strength=0.0), sega, partners.Push(scale=0.0)]).images
     assert max_abs_diff(inert, alone) <= TOL
     # Active partners: SEGA still moves the result, by about as much as it does alone.
     log = []
-    partners = [Hint(log, strength=0.5), Push(scale=2.0)]
-    without = run(pipe, partners).images
-    with_sega = run(pipe, [partners[0], sega, partners[1]]).images
+    stack = [partners.Hint(log, strength=0.5), partners.Push(scale=2.0)]
+    without = run(pipe, stack).images
+    with_sega = run(pipe, [stack[0], sega, stack[1]]).images
     assert log[-1] == ["uncond", "cond", "sega:0", "sega:1", "push"]
     own, stacked = max_abs_diff(alone, run(pipe).images), max_abs_diff(with_sega, without)
     print(f"SEGA's effect alone {own:.3f}, on top of hint + push {stacked:.3f}")
     assert stacked > 0.3 * own
 
 
-def test_stacks_with_a_plugin_that_replaces_the_guidance_formula(pipe):
+def test_stacks_with_a_plugin_that_replaces_the_guidance_formula(pipe, partners):
     sega = Sega(concepts=[RED])
-    assert max_abs_diff(run(pipe, [PlainCfg(), sega]).images, run(pipe, [sega]).images) <= 1e-6
+    assert max_abs_diff(run(pipe, [partners.PlainCfg(), sega]).images, run(pipe, [sega]).images) <= 1e-6
 
 
-def test_two_instances_are_independent_and_add_up(pipe):
+def test_two_instances_are_independent_and_add_up(pipe, partners):
     """Two Sega plugins in one call: own branches, own momentum; with equal warm-ups their terms add
     up to one Sega holding both concepts (the momentum recursion is linear)."""
     kw = dict(momentum_scale=0.3, momentum_beta=0.6)
     log = []
-    two = run(pipe, [Sega(concepts=[RED], **kw), Sega(concepts=[BLUE], **kw), Hint(log, strength=0.0)])
+    two = run(pipe, [Sega(concepts=[RED], **kw), Sega(concepts=[BLUE], **kw), partners.Hint(log, strength=0.0)])
     one = run(pipe, [Sega(concepts=[RED, BLUE], **kw)])
     assert log[0] == ["uncond", "cond", "sega:0", "sega#2:0"]
     assert set(two.extras) == {"sega", "sega#2"}
@@ -215,7 +141,7 @@ def test_bad_settings_name_plugin_and_field(settings, field):
 
 
 def test_from_diffusers_checks_list_lengths():
-    with pytest.raises(SettingsError, match=r"sega\.weight: has 3 values for 2 editing prompts"):
+    with pytest.raises(SettingsError, match=r"sega\.edit_weights: has 3 values for 2 editing prompts"):
         Sega.from_diffusers(["red", "blue"], edit_weights=[1, 1, 1])
 
 

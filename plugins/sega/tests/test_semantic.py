@@ -13,8 +13,6 @@ import pytest
 from diffsteer.shapes import dominant_colour
 from diffsteer_sega import Sega
 
-from test_sega import Hint
-
 pytestmark = pytest.mark.slow
 
 STEPS = 10
@@ -57,14 +55,18 @@ def test_plus_red_raises_and_minus_red_lowers_the_red_fraction(shapes_pipe, plai
     assert less.red <= 0.10
 
 
-def test_red_concept_keeps_its_effect_beside_a_residual_plugin(shapes_pipe, plain):
-    """A ControlNet stand-in adds residuals to every row, SEGA's concept rows included."""
-    hint = Hint(strength=0.3, seed=1)
+def test_red_concept_keeps_its_effect_beside_a_residual_plugin(shapes_pipe, plain, partners):
+    """A ControlNet stand-in adds residuals to every row, SEGA's concept rows included.
+
+    At strength 1 the residuals alone change the colour of about a third of the images; SEGA's
+    "+red" still turns nearly all of them red.
+    """
+    hint = partners.Hint(strength=1.0, seed=1)
     hinted = Run(shapes_pipe, [hint])
     both = Run(shapes_pipe, [hint, Sega(concepts=[RED])])
     change = float(np.abs(hinted.pixels() - plain.pixels()).mean())
     print(f"\nwith a residual plugin (mean |Δ| {change:.3f} on its own): red-dominant {hinted.red:.0%} "
           f"without SEGA, {both.red:.0%} with +red")
-    assert change > 0.01  # the partner really changes the images
+    assert change > 0.02  # the partner really changes the images
     assert both.red >= hinted.red + 0.30
-    assert both.red >= 0.80
+    assert both.red >= 0.75

@@ -176,16 +176,20 @@ class Sega(Plugin):
             [('red', False, 2, 1.0), ('blue', True, 4, 2.0)]
         """
         prompts = [editing_prompt] if isinstance(editing_prompt, str) else list(editing_prompt or [])
-        per_concept = {
-            "reverse": reverse_editing_direction, "guidance_scale": edit_guidance_scale,
-            "warmup_steps": edit_warmup_steps, "cooldown_steps": edit_cooldown_steps,
-            "threshold": edit_threshold, "weight": edit_weights if edit_weights else 1.0,
+        given = {  # diffusers name -> (our field, value)
+            "reverse_editing_direction": ("reverse", reverse_editing_direction),
+            "edit_guidance_scale": ("guidance_scale", edit_guidance_scale),
+            "edit_warmup_steps": ("warmup_steps", edit_warmup_steps),
+            "edit_cooldown_steps": ("cooldown_steps", edit_cooldown_steps),
+            "edit_threshold": ("threshold", edit_threshold),
+            "edit_weights": ("weight", edit_weights if edit_weights else 1.0),
         }
         problems = [
-            (field, f"has {len(v)} values for {len(prompts)} editing prompts")
-            for field, v in per_concept.items()
+            (name, f"has {len(v)} values for {len(prompts)} editing prompts")
+            for name, (_, v) in given.items()
             if isinstance(v, (list, tuple)) and len(v) != len(prompts)
         ]
+        per_concept = dict(given.values())
         if problems:
             raise SettingsError(cls.name, problems)
         concepts = [
