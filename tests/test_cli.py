@@ -68,3 +68,15 @@ def test_plugins_command_lists_entry_points(tmp_path):
                          text=True, env=env, check=True)
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert rows["demo"]["version"] == "0.3.0" and rows["demo"]["hooks"] == ["post_step"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from diffsteer.atomic import atomic_file
+
+    with atomic_file(tmp_path / "f.txt") as tmp:
+        tmp.write_text("x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -34,6 +34,10 @@ def atomic_file(target: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
+        # mkstemp makes the file owner-only; give it the mode a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
