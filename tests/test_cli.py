@@ -80,3 +80,59 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _install(tmp_path, monkeypatch, module: str, source: str, entry: str) -> None:
+    """A real distribution on sys.path whose entry point (group 'diffsteer') is ``entry``."""
+    (tmp_path / module).mkdir(parents=True)
+    (tmp_path / module / "__init__.py").write_text(source)
+    info = tmp_path / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[diffsteer]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+
+
+TRAINER_PLUGIN = '''
+from pathlib import Path
+from diffsteer import Plugin, hookimpl
+from diffsteer.commands import TrainCommand
+
+def _args(parser):
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=1)
+
+def _run(args):
+    Path(args.out).write_text(f"trained {args.steps} steps")
+    return 0
+
+class Toy(Plugin):
+    name = "toy"
+
+    @staticmethod
+    @hookimpl
+    def diffsteer_train_commands(register):
+        register(TrainCommand("toy", "trains nothing much", _args, _run))
+        register(TrainCommand("toy-extra", "another recipe", _args, _run))
+'''
+
+
+def test_train_runs_the_named_plugins_command(tmp_path, monkeypatch, capsys):
+    _install(tmp_path, monkeypatch, "diffsteer_toy", TRAINER_PLUGIN, "toy = diffsteer_toy:Toy")
+    out = tmp_path / "result.txt"
+    assert main(["train", "toy", "--out", str(out), "--steps", "7"]) == 0
+    assert out.read_text() == "trained 7 steps"
+    with pytest.raises(SystemExit):  # the command's own parser: a missing option is argparse's error
+        main(["train", "toy"])
+    assert "--out" in capsys.readouterr().err
+
+
+def test_train_errors_name_the_plugin(tmp_path, monkeypatch, capsys):
+    _install(tmp_path, monkeypatch, "diffsteer_toy", TRAINER_PLUGIN, "toy = diffsteer_toy:Toy")
+    assert main(["train", "nonesuch", "--out", "x"]) == 2
+    assert "'nonesuch' is not installed" in capsys.readouterr().err
+    _install(tmp_path / "other", monkeypatch, "diffsteer_flat", "from diffsteer import Plugin\n"
+             "class Flat(Plugin):\n    name = 'flat'\n", "flat = diffsteer_flat:Flat")
+    assert main(["train", "flat"]) == 2
+    assert "plugin 'flat': is installed but offers no train command 'flat'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``diffsteer`` command line: ``generate`` and ``plugins`` (``train`` arrives with the trainer)."""
+"""The ``diffsteer`` command line: ``generate``, ``plugins``, ``train``, ``eval`` and ``new-plugin``."""
 
 from __future__ import annotations
 
@@ -170,9 +170,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    if args.what != "shapes":
-        raise SystemExit(f"error: unknown training recipe {args.what!r}; available: shapes")
+def _shapes_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder; an interrupted run resumes from it")
+    parser.add_argument("--unet-steps", type=int, default=None)
+    parser.add_argument("--vae-steps", type=int, default=None)
+    parser.add_argument("--n-images", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def _train_shapes(args: argparse.Namespace) -> int:
     import time
 
     from .shapes.recipe import ShapesRecipe
@@ -184,6 +190,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_shapes(Path(args.out), recipe, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
     print(args.out)
     return 0
+
+
+def _train_command(name: str) -> Any:
+    """The core recipe ``name``, or the train command of the plugin installed under that name."""
+    from .commands import TrainCommand, plugin_train_commands
+    from .errors import PluginError
+    from .plugins import load_plugin_class
+
+    if name == "shapes":
+        return TrainCommand("shapes", "the shipped shapes-world model, from scratch", _shapes_arguments, _train_shapes)
+    commands = plugin_train_commands(load_plugin_class(name), owner=name)
+    if name not in commands:
+        offered = ", ".join(commands) or "none"
+        raise PluginError(name, f"is installed but offers no train command {name!r} (it offers: {offered})")
+    return commands[name]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    command = _train_command(args.what)
+    parser = argparse.ArgumentParser(prog=f"diffsteer train {command.name}", description=command.help)
+    command.add_arguments(parser)
+    return int(command.run(parser.parse_args(args.options)))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -248,13 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     plug.add_argument("--json", action="store_true")
     plug.set_defaults(func=cmd_plugins)
 
-    train = sub.add_parser("train", help="train a model from scratch (recipe: shapes)")
-    train.add_argument("what", choices=["shapes"])
-    train.add_argument("--out", required=True, help="output folder; an interrupted run resumes from it")
-    train.add_argument("--unet-steps", type=int, default=None)
-    train.add_argument("--vae-steps", type=int, default=None)
-    train.add_argument("--n-images", type=int, default=None)
-    train.add_argument("--seed", type=int, default=None)
+    train = sub.add_parser(
+        "train", help="train a model: 'shapes' (built in) or an installed plugin's recipe",
+        description="diffsteer train NAME [options]: NAME is 'shapes' or the name of an installed plugin that "
+        "trains (e.g. textual-inversion); 'diffsteer train NAME --help' lists its options.",
+    )
+    train.add_argument("what", metavar="NAME", help="'shapes' or an installed plugin's name")
+    train.add_argument("options", nargs=argparse.REMAINDER, help="the recipe's own options")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="measure a shapes-world model (colour, shape, two-object, background)")

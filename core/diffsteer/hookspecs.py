@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .attention_patches import AttentionPatch
     from .branches import BranchLayout, BranchPredictions
     from .call import GenerationCall, StepState, UNetInputs
+    from .commands import TrainCommand
 
 PROJECT = "diffsteer"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -209,6 +210,20 @@ def diffsteer_teardown(call: "GenerationCall", error: Optional[BaseException]) -
     Receives: ``error`` or ``None``.
     May change: nothing on the call's result.
     Returns: nothing.
+    """
+
+
+@hookspec
+def diffsteer_train_commands(register: Callable[["TrainCommand"], None]) -> None:
+    """Offer ``diffsteer train NAME`` commands (textual inversion, ControlNet, ...).
+
+    When: when a user runs ``diffsteer train NAME`` and ``NAME`` is not a core recipe. The CLI loads
+    only the plugin whose entry point is ``NAME`` and calls this hook on its *class*, so implement it
+    as a ``@staticmethod`` (no settings exist yet).
+    Receives: ``register``, to be called with :class:`~diffsteer.commands.TrainCommand` objects.
+    May change: nothing.
+    Returns: nothing. The command named like the entry point runs; a plugin may register others, which
+    ``diffsteer train NAME --help`` lists.
     """
 
 
