@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import pluggy
 import torch
@@ -12,7 +12,7 @@ from .branches import BranchLayout, BranchPredictions
 from .errors import PluginError
 from .plugins import Plugin, plugin_label
 from .schedulers import Scheduler
-from .text import PromptEncoder
+from .text import PromptEncoder, TokenTable, token_table_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.unet import UNet2DConditionModel
@@ -121,8 +121,9 @@ def _cast(tensors: Optional[list[torch.Tensor]], dtype: torch.dtype) -> Optional
 class GenerationCall:
     """Everything one generation call owns; hooks receive it as ``call``.
 
-    Shared, read-only: ``unet``, ``vae``, ``text`` (the pipeline's models). Owned by the call:
-    ``scheduler`` (a fresh instance), ``generator``, ``layout``, plugin state and the step.
+    Shared, read-only: ``unet``, ``vae`` and the models behind ``text``. Owned by the call:
+    ``scheduler`` (a fresh instance), ``generator``, ``layout``, plugin state, the step, and ``tokens``:
+    the tokens added for this call (:meth:`add_tokens`), which ``text`` (its tokenizer and encoder) knows.
     """
 
     def __init__(
@@ -137,10 +138,14 @@ class GenerationCall:
         plugins: Sequence[Plugin],
         hooks: pluggy.PluginManager,
         model_name: str = "",
+        tokens: Optional[TokenTable] = None,
     ) -> None:
         self.unet = unet
         self.vae = vae
-        self.text = text
+        #: tokens added for this call only (textual inversion); starts as a copy of the pipeline's own.
+        self.tokens = tokens if tokens is not None else token_table_for(text.tokenizer, text.encoder)
+        #: the call's prompt encoder: the shared tokenizer and encoder, seen through ``tokens``.
+        self.text = text.with_tokens(self.tokens)
         self.scheduler = scheduler
         self.request = request
         self.generator = generator

@@ -53,8 +53,11 @@ def diffsteer_setup(call: "GenerationCall") -> None:
     any prompt is encoded.
     Receives: ``call``, the :class:`~diffsteer.call.GenerationCall` (model parts, request parameters,
     fresh scheduler, generator).
-    May change: ``call.state_for(self)`` (per-call state); it may raise :class:`~diffsteer.errors.PluginError` to reject a model or request it
-    cannot serve (wrong channel count, size mismatch).
+    May change: ``call.state_for(self)`` (per-call state) and the call's vocabulary through
+    ``call.add_tokens(owner, {token: vectors})`` (textual inversion: every prompt encoder of the call,
+    the core's or an ``encode_prompt`` plugin's, then reads the token; the shared models stay unchanged);
+    it may raise :class:`~diffsteer.errors.PluginError` to reject a model or request it cannot serve
+    (wrong channel count, size mismatch).
     Returns: nothing.
     """
 

@@ -20,7 +20,7 @@ from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
 from .plugins import Plugin, PluginSpec, make_manager, plugin_label, resolve_plugins
 from .schedulers import Scheduler, make_scheduler
-from .text import PromptEncoder
+from .text import PromptEncoder, TokenTable, token_table_for
 
 ProgressFn = Callable[[int, int], None]
 
@@ -77,6 +77,8 @@ class Pipeline:
         self.scheduler = scheduler
         self.name = name
         self.text = PromptEncoder(tokenizer, text_encoder)
+        #: tokens every call of this pipeline knows (:meth:`add_tokens`); each call starts from a copy.
+        self.tokens: TokenTable = token_table_for(tokenizer, text_encoder)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     # -- loading --------------------------------------------------------------------------------------
@@ -147,7 +149,20 @@ class Pipeline:
     def with_scheduler(self, scheduler: str, **overrides: Any) -> "Pipeline":
         """A pipeline sharing these models with another scheduler (no weights are copied)."""
         sched = make_scheduler(scheduler, self.scheduler.to_diffusers_config(), **overrides)
-        return Pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, sched, name=self.name)
+        pipe = Pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, sched, name=self.name)
+        pipe.tokens = self.tokens
+        return pipe
+
+    def add_tokens(self, embeddings: Any, owner: str = "pipeline") -> None:
+        """Add tokens that every later call knows: ``{token: (hidden,) or (n, hidden) vectors}``.
+
+        Like :meth:`GenerationCall.add_tokens <diffsteer.call.GenerationCall.add_tokens>` but kept on the
+        pipeline (calls already running keep the tokens they started with). The models are not changed:
+        ``save_pretrained`` does not write these tokens.
+        """
+        vocab = self.tokenizer.get_vocab()
+        for token, vectors in dict(embeddings).items():
+            self.tokens.add(token, vectors, owner=owner, known=lambda s: s in vocab or f"{s}</w>" in vocab)
 
     @property
     def default_size(self) -> int:
@@ -197,6 +212,7 @@ class Pipeline:
         call = GenerationCall(
             unet=self.unet, vae=self.vae, text=self.text, scheduler=self.scheduler.fresh(), request=request,
             generator=generator, plugins=plugin_objs, hooks=pm, model_name=self.name,
+            tokens=token_table_for(self.tokenizer, self.text_encoder, parent=self.tokens),
         )
         error: Optional[BaseException] = None
         try:

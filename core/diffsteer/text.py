@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import re
+import threading
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer
 
 
 def _text_transformer(encoder: CLIPTextModel) -> torch.nn.Module:
@@ -61,3 +63,258 @@ class PromptEncoder:
     def encode(self, texts: Sequence[str], clip_skip: Optional[int] = None) -> torch.Tensor:
         """Hidden states ``(len(texts), max_length, hidden)``."""
         return self.encode_ids(self.token_ids(texts), clip_skip)
+
+    def with_tokens(self, table: "TokenTable") -> "PromptEncoder":
+        """An encoder over the same models that also knows ``table``'s tokens (it changes neither model)."""
+        return PromptEncoder(TokenizerView(self.tokenizer, table), EncoderView(self.encoder, table))  # type: ignore[arg-type]
+
+
+# -- tokens added for one call (textual inversion) -----------------------------------------------------------------
+#
+# The pipeline's tokenizer and text encoder are shared by concurrent calls, so a call never adds tokens to them.
+# Instead each call owns a TokenTable; the call's PromptEncoder reads through a tokenizer view (which splits the
+# table's tokens out of the text before the shared tokenizer sees it) and an encoder view (which swaps the table's
+# vectors in for those ids inside the shared encoder's token embedding, through a thread-local context).
+
+
+class TokenTable:
+    """New tokens and their embedding vectors, outside the tokenizer and text encoder they extend.
+
+    A token may hold several vectors (multi-vector textual inversion): ``"<x>"`` with 3 vectors then spells the
+    sub-tokens ``<x> <x>_1 <x>_2`` (diffusers' names), and ``"<x>"`` in a prompt stands for all three. New ids
+    follow the base vocabulary (``base_size``). Adding is safe while other threads read: the tables are replaced,
+    never changed in place.
+
+    Example:
+        >>> table = TokenTable(base_size=10, hidden_size=4)
+        >>> table.add("<x>", torch.zeros(2, 4), owner="demo")
+        >>> table.token_ids("<x>"), table.names
+        ([10, 11], ['<x>', '<x>_1'])
+    """
+
+    def __init__(self, base_size: int, hidden_size: int, parent: Optional["TokenTable"] = None) -> None:
+        self.base_size, self.hidden_size = int(base_size), int(hidden_size)
+        self._lock = threading.Lock()
+        # One immutable snapshot, replaced whole: (name -> ids, vectors, split pattern); row k of the vectors
+        # belongs to id base_size + k. Readers in other threads see the old or the new table, never a mix.
+        self._snap: tuple[dict[str, list[int]], torch.Tensor, Optional[re.Pattern[str]]] = (
+            parent._snap if parent else ({}, torch.zeros(0, self.hidden_size), None)
+        )
+
+    @property
+    def _ids(self) -> dict[str, list[int]]:
+        return self._snap[0]
+
+    @property
+    def _vectors(self) -> torch.Tensor:
+        return self._snap[1]
+
+    def __len__(self) -> int:
+        return int(self._vectors.shape[0])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ids
+
+    @property
+    def names(self) -> list[str]:
+        """Every spelling the tokenizer now knows (tokens and their ``_k`` sub-tokens), in id order."""
+        return sorted(self._ids, key=lambda n: (self._ids[n][0], -len(self._ids[n])))
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """``(len(self), hidden)``: row ``k`` is the vector of id ``base_size + k``."""
+        return self._vectors
+
+    def token_ids(self, name: str) -> list[int]:
+        """The ids a prompt's ``name`` stands for."""
+        return list(self._ids[name])
+
+    def add(self, token: str, vectors: torch.Tensor, *, owner: str, known: Callable[[str], bool] = lambda s: False) -> None:
+        """Add ``token`` with ``vectors`` ``(hidden,)`` or ``(n, hidden)``.
+
+        ``known(spelling)`` says whether the base tokenizer already has a spelling; such a token, one already in
+        the table, or a vector of the wrong size raises :class:`~diffsteer.errors.PluginError` naming ``owner``.
+        """
+        from .errors import PluginError
+
+        vectors = vectors.detach()
+        if vectors.ndim == 1:
+            vectors = vectors[None]
+        if vectors.ndim != 2 or vectors.shape[0] < 1 or vectors.shape[1] != self.hidden_size:
+            raise PluginError(
+                owner, f"the embedding of {token!r} has shape {tuple(vectors.shape)}, but this text encoder takes "
+                f"vectors of size {self.hidden_size} (an embedding made for another model?)"
+            )
+        if not torch.isfinite(vectors).all():
+            raise PluginError(owner, f"the embedding of {token!r} contains NaN or inf")
+        if not token or token != token.strip():
+            raise PluginError(owner, f"token {token!r} must be non-empty without surrounding spaces")
+        spellings = [token] + [f"{token}_{k}" for k in range(1, vectors.shape[0])]
+        with self._lock:
+            for s in spellings:
+                if s in self._ids:
+                    raise PluginError(owner, f"token {s!r} is already added (two embeddings for one token?)")
+                if known(s):
+                    raise PluginError(
+                        owner, f"token {s!r} is already in the tokenizer's vocabulary; choose another token"
+                    )
+            first = self.base_size + len(self)
+            ids = dict(self._ids)
+            ids[token] = list(range(first, first + len(spellings)))
+            for k, s in enumerate(spellings[1:], start=1):
+                ids[s] = [first + k]
+            # Longest first, so "<x>_1" is not read as "<x>" followed by "_1".
+            names = sorted(ids, key=len, reverse=True)
+            pattern = re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
+            self._snap = (ids, torch.cat([self._vectors, vectors.to(self._vectors.dtype).cpu()]), pattern)
+
+    def split(self, text: str) -> list[Union[str, list[int]]]:
+        """``text`` as plain pieces and the id lists of the tokens between them (as an added-token tokenizer splits)."""
+        ids, _, pattern = self._snap
+        if pattern is None:
+            return [text]
+        out: list[Union[str, list[int]]] = []
+        for k, piece in enumerate(pattern.split(text)):
+            if k % 2:
+                out.append(ids[piece])
+            elif piece:
+                out.append(piece)
+        return out
+
+
+class TokenizerView:
+    """A tokenizer that knows a :class:`TokenTable`'s tokens; everything else is the shared tokenizer's.
+
+    Calling it supports what prompt encoders use: ``padding`` (``"max_length"``, ``True``/``"longest"``),
+    ``max_length``, ``truncation``, ``add_special_tokens`` and ``return_tensors`` (``"pt"`` or lists).
+    """
+
+    def __init__(self, tokenizer: CLIPTokenizer, table: TokenTable) -> None:
+        self._tokenizer, self._table = tokenizer, table
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def __len__(self) -> int:
+        return self._table.base_size + len(self._table)
+
+    def convert_ids_to_tokens(self, ids: Any, **kwargs: Any) -> Any:
+        names = {i[0]: n for n, i in self._table._ids.items() if len(i) == 1}
+        if isinstance(ids, int):
+            return names[ids] if ids in names else self._tokenizer.convert_ids_to_tokens(ids, **kwargs)
+        return [self.convert_ids_to_tokens(int(i), **kwargs) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens: Any) -> Any:
+        if isinstance(tokens, str):
+            ids = self._table._ids.get(tokens)
+            return ids[0] if ids and len(ids) == 1 else self._tokenizer.convert_tokens_to_ids(tokens)
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def __call__(
+        self,
+        text: Union[str, Sequence[str]],
+        *,
+        padding: Union[bool, str] = False,
+        max_length: Optional[int] = None,
+        truncation: bool = False,
+        add_special_tokens: bool = True,
+        return_tensors: Optional[str] = None,
+        **kwargs: Any,
+    ) -> BatchEncoding:
+        if not len(self._table):
+            return self._tokenizer(
+                text, padding=padding, max_length=max_length, truncation=truncation,
+                add_special_tokens=add_special_tokens, return_tensors=return_tensors, **kwargs,
+            )
+        kwargs.pop("verbose", None)
+        if kwargs:
+            raise TypeError(f"the added-token tokenizer view does not support {sorted(kwargs)}")
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        split = [self._table.split(t) for t in texts]
+        plain = [p for parts in split for p in parts if isinstance(p, str)]
+        plain_ids = iter(self._tokenizer(plain, add_special_tokens=False)["input_ids"] if plain else [])
+        rows = [[i for p in parts for i in (next(plain_ids) if isinstance(p, str) else p)] for parts in split]
+        if truncation and max_length is not None:
+            rows = [r[: max_length - (2 if add_special_tokens else 0)] for r in rows]
+        if add_special_tokens:
+            rows = [[self._tokenizer.bos_token_id, *r, self._tokenizer.eos_token_id] for r in rows]
+        masks = [[1] * len(r) for r in rows]
+        target = max_length if padding == "max_length" else max(map(len, rows)) if padding in (True, "longest") else None
+        if target is not None:
+            pad = self._tokenizer.pad_token_id
+            masks = [m + [0] * (target - len(r)) for r, m in zip(rows, masks)]
+            rows = [r + [pad] * (target - len(r)) for r in rows]
+        data: dict[str, Any] = {"input_ids": rows, "attention_mask": masks}
+        if single and return_tensors is None:
+            data = {k: v[0] for k, v in data.items()}
+        return BatchEncoding(data, tensor_type=return_tensors)
+
+
+class _Substitution(threading.local):
+    """The token table the current thread's encoder call substitutes (None: the encoder runs unchanged)."""
+
+    table: Optional[TokenTable] = None
+    positions: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None
+
+
+_SUBSTITUTION = _Substitution()
+_HOOKS_LOCK = threading.Lock()
+
+
+def _before_embedding(module: torch.nn.Module, args: tuple) -> Optional[tuple]:
+    table = _SUBSTITUTION.table
+    if table is None:
+        return None
+    ids = args[0]
+    new = ids >= table.base_size
+    _SUBSTITUTION.positions = new
+    _SUBSTITUTION.rows = (ids - table.base_size).clamp(min=0)
+    return (ids.masked_fill(new, 0),) + tuple(args[1:])
+
+
+def _after_embedding(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> Optional[torch.Tensor]:
+    table, new = _SUBSTITUTION.table, _SUBSTITUTION.positions
+    if table is None or new is None:
+        return None
+    vectors = table.vectors.to(device=out.device, dtype=out.dtype)
+    swapped = vectors[_SUBSTITUTION.rows.to(out.device)]
+    return torch.where(new.to(out.device)[..., None], swapped, out)
+
+
+class EncoderView:
+    """A text encoder that embeds a :class:`TokenTable`'s ids with the table's vectors; else the shared encoder.
+
+    The shared encoder's token embedding gets two hooks, once: they do nothing unless the calling thread is
+    inside an ``EncoderView`` call, so other threads (and calls without added tokens) see the plain encoder.
+    """
+
+    def __init__(self, encoder: CLIPTextModel, table: TokenTable) -> None:
+        self._encoder, self._table = encoder, table
+        embedding = encoder.get_input_embeddings()
+        with _HOOKS_LOCK:
+            if not getattr(embedding, "_diffsteer_token_hooks", False):
+                embedding.register_forward_pre_hook(_before_embedding)
+                embedding.register_forward_hook(_after_embedding)
+                embedding._diffsteer_token_hooks = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+    def __call__(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not len(self._table) or int(input_ids.max()) < self._table.base_size:
+            return self._encoder(input_ids, *args, **kwargs)
+        if int(input_ids.max()) >= self._table.base_size + len(self._table):
+            raise ValueError(f"token id {int(input_ids.max())} is beyond this call's vocabulary")
+        _SUBSTITUTION.table = self._table
+        try:
+            return self._encoder(input_ids, *args, **kwargs)
+        finally:
+            _SUBSTITUTION.table = _SUBSTITUTION.positions = _SUBSTITUTION.rows = None
+
+
+def token_table_for(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, parent: Optional[TokenTable] = None) -> TokenTable:
+    """An empty table (or a copy of ``parent``) for tokens added beyond this tokenizer and encoder."""
+    base = max(len(tokenizer), int(encoder.get_input_embeddings().num_embeddings))
+    return TokenTable(base, int(encoder.config.hidden_size), parent=parent)
