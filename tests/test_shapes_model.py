@@ -37,7 +37,7 @@ def test_a_local_folder_named_shapes_takes_precedence(tmp_path, monkeypatch, tin
 
 
 def test_captions_are_followed(shapes_pipe):
-    score = score_model(shapes_pipe, n_single=48, n_double=24, steps=20)
+    score = score_model(shapes_pipe, n_single=48, n_double=24, n_position=24, steps=20)
     print("\n" + score.table())
     assert score.colour >= 0.95
     assert score.shape >= 0.85

@@ -64,8 +64,9 @@ def _rate(hits: list[bool]) -> float:
     return sum(hits) / max(len(hits), 1)
 
 
-def _accuracy(degraded: bool) -> dict[str, float]:
-    """Per-criterion accuracy of the evaluators on N_SCENES random scenes with known labels."""
+def _accuracy(degraded: bool, shapes: tuple[str, ...] = SHAPES) -> dict[str, float]:
+    """Per-criterion accuracy of the evaluators on N_SCENES random scenes with known labels, classifying
+    shapes among ``shapes``."""
     rng = np.random.default_rng(1234 + degraded)
     hits: dict[str, list[bool]] = {}
 
@@ -79,7 +80,7 @@ def _accuracy(degraded: bool) -> dict[str, float]:
         add("background_colour", background_colour(arr) == scene.background)
         if len(scene.objects) == 1:
             add("dominant_colour", dominant_colour(arr) == scene.objects[0].colour)
-        found = objects(arr)
+        found = objects(arr, shapes=shapes)
         add("object_count", len(found) == len(scene.objects))
         for obj in scene.objects:
             # the detected object nearest the true centroid must have the true colour and shape
@@ -90,7 +91,7 @@ def _accuracy(degraded: bool) -> dict[str, float]:
             add("shape_class", ok and near.shape == obj.shape)
         # full caption (every attribute named) and the sampled, partial caption
         for text in (caption(scene), scene.caption):
-            result = evaluate_caption(arr, text)
+            result = evaluate_caption(arr, text, shapes)
             for key, value in result.items():
                 if value is not None:
                     add(f"caption.{key}", value)
@@ -294,6 +295,14 @@ def test_evaluators_accuracy_degraded() -> None:
     acc = _accuracy(degraded=True)
     _report("evaluator accuracy, blur 0.5-1 px + noise sigma 8", acc)
     assert all(v >= 0.95 for v in acc.values()), acc
+
+
+@pytest.mark.parametrize("degraded", [False, True], ids=["clean", "degraded"])
+def test_strict_shape_check_keeps_its_accuracy(degraded: bool) -> None:
+    """With diamond, hexagon and star as distractors, true circles, squares and triangles still pass."""
+    acc = _accuracy(degraded, SHAPES + EXTRA_SHAPES)
+    _report(f"strict evaluator accuracy, {'degraded' if degraded else 'clean'} renders", acc)
+    assert all(v >= (0.95 if degraded else 0.99) for v in acc.values()), acc
 
 
 def _corrupt(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:

@@ -223,8 +223,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .shapes.benchmark import score_model
 
     pipe = Pipeline.from_pretrained(args.model, scheduler="ddim")
-    bar = tqdm(total=args.single + args.double, desc="evaluating", unit="img", disable=args.quiet)
-    score = score_model(pipe, n_single=args.single, n_double=args.double, steps=args.steps,
+    bar = tqdm(total=args.single + args.double + args.position, desc="evaluating", unit="img", disable=args.quiet)
+    score = score_model(pipe, n_single=args.single, n_double=args.double, n_position=args.position, steps=args.steps,
                         progress=lambda done, total: bar.update(done - bar.n))
     bar.close()
     print(score.table())
@@ -285,11 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("options", nargs=argparse.REMAINDER, help="the recipe's own options")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="measure a shapes-world model (colour, shape, two-object, background)")
+    ev = sub.add_parser("eval", help="measure a shapes-world model (colour, shape, two-object, background, position)")
     ev.add_argument("what", choices=["shapes"])
     ev.add_argument("--model", default="shapes")
     ev.add_argument("--single", type=int, default=144, help="single-object prompts")
     ev.add_argument("--double", type=int, default=72, help="two-object prompts")
+    ev.add_argument("--position", type=int, default=96, help="single-object prompts with a position")
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("-q", "--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)

@@ -270,8 +270,13 @@ def shape_class(mask: np.ndarray, candidates: tuple[str, ...] = SHAPES) -> str:
 # --- objects ----------------------------------------------------------------------------------------------------------
 
 
-def objects(img: ImageLike, min_area: float | None = None) -> list[DetectedObject]:
+def objects(
+    img: ImageLike, min_area: float | None = None, shapes: tuple[str, ...] = SHAPES
+) -> list[DetectedObject]:
     """Objects as connected regions of one colour, largest first; regions under ``min_area`` pixels are dropped.
+
+    ``shapes`` are the forms an object is classified among; adding distractors that the world never draws by
+    default (``SHAPES + EXTRA_SHAPES``) makes the check strict: a diamond-like "circle" then counts as a diamond.
 
     Each region's coverage (sub-pixel alpha against the background, along the region's own colour) is what the
     shape, centroid, area and size are measured on, so anti-aliasing and blur do not bias them.
@@ -301,7 +306,7 @@ def objects(img: ImageLike, min_area: float | None = None) -> list[DetectedObjec
         support = _dilate(region, 2) & ~(taken & ~region)
         alpha = np.clip(((arr - bg) @ full) / max(float(full @ full), 1e-6), 0.0, 1.0) * support
         area = float(alpha.sum())
-        shape = shape_class(alpha)
+        shape = shape_class(alpha, shapes)
         ys, xs = np.nonzero(region)
         cx = float((alpha.sum(axis=0) * (np.arange(w) + 0.5)).sum() / area)
         cy = float((alpha.sum(axis=1) * (np.arange(h) + 0.5)).sum() / area)
@@ -353,7 +358,7 @@ def _multiset_ok(wanted: list[str], have: list[str]) -> bool:
     return not (Counter(wanted) - Counter(have))
 
 
-def evaluate_caption(img: ImageLike, caption: str) -> dict[str, bool | None]:
+def evaluate_caption(img: ImageLike, caption: str, shapes: tuple[str, ...] = SHAPES) -> dict[str, bool | None]:
     """Check an image against a shapes-world caption, one boolean per criterion (None where the caption is silent).
 
     - ``background``: the named background colour;
@@ -366,12 +371,13 @@ def evaluate_caption(img: ImageLike, caption: str) -> dict[str, bool | None]:
       small-large threshold;
     - ``all``: every applicable criterion holds.
 
+    ``shapes`` are the forms each object is classified among (see :func:`objects`).
     Caption phrases are matched to detected objects by the assignment agreeing best (colour first, then shape,
     position, size).
     """
     h, w, _ = to_array(img).shape
     spec = parse_caption(caption)
-    found = objects(img)
+    found = objects(img, shapes=shapes)
     wanted = spec.objects
     result: dict[str, bool | None] = dict.fromkeys(CRITERIA)
     if spec.background:
