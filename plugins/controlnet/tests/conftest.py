@@ -22,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 TINY_EMBEDDING = (8, 16)
 
 
-def build_tiny_controlnet(sd_folder: Path, out: Path, seed: int) -> Path:
+def build_tiny_controlnet(sd_folder: Path, out: Path, seed: int, embedding: tuple = TINY_EMBEDDING) -> Path:
     """A diffusers ControlNetModel for the tiny UNet of ``sd_folder``, saved with ``save_pretrained``.
 
     Its zero convolutions are perturbed away from zero: a fresh ControlNet adds exactly nothing, which
@@ -34,7 +34,7 @@ def build_tiny_controlnet(sd_folder: Path, out: Path, seed: int) -> Path:
     keep = set(inspect.signature(DiffusersControlNet.__init__).parameters)
     config = {k: v for k, v in unet_config.items() if k in keep and not k.startswith("_")}
     torch.manual_seed(seed)
-    net = DiffusersControlNet(**config, conditioning_embedding_out_channels=TINY_EMBEDDING)
+    net = DiffusersControlNet(**config, conditioning_embedding_out_channels=embedding)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -63,3 +63,18 @@ def control_images(n: int, size: int, seed: int) -> torch.Tensor:
 def make_control():
     """The :func:`control_images` helper, as a fixture (test modules import nothing from each other)."""
     return control_images
+
+
+@pytest.fixture(scope="session")
+def controlnet_for(tiny_sd1, tmp_path_factory):
+    """``controlnet_for(embedding, seed)``: a tiny diffusers ControlNet folder for tiny_sd1 (cached)."""
+    root = tmp_path_factory.mktemp("more-controlnets")
+    made: dict = {}
+
+    def make(embedding: tuple = TINY_EMBEDDING, seed: int = 0) -> Path:
+        key = (tuple(embedding), seed)
+        if key not in made:
+            made[key] = build_tiny_controlnet(Path(tiny_sd1), root / f"{'-'.join(map(str, embedding))}-{seed}", seed, embedding)
+        return made[key]
+
+    return make
