@@ -183,6 +183,20 @@ class GenerationCall:
         return self._state.setdefault(id(plugin), {})
 
     # -- services for plugins ------------------------------------------------------------------------
+    def add_tokens(self, owner: str, embeddings: Mapping[str, torch.Tensor]) -> None:
+        """Add tokens for this call only: ``{token: (hidden,) or (n, hidden) vectors}`` (textual inversion).
+
+        The call's ``text`` tokenizer and encoder (and so every prompt encoder, also a plugin's own built
+        on ``call.text.tokenizer``/``call.text.encoder``) then read ``token`` as its vectors; an ``n``-vector
+        token stands for ``n`` ids, spelt ``token token_1 ... token_{n-1}``. The shared models are not
+        changed, so concurrent calls on one pipeline each see only their own tokens. Call it from
+        :func:`~diffsteer.hookspecs.diffsteer_setup`. A token the tokenizer or the call already has, or
+        vectors of the wrong size, raise :class:`~diffsteer.errors.PluginError` naming ``owner``.
+        """
+        vocab = self.text.tokenizer.get_vocab()  # the shared tokenizer's own words (the view delegates)
+        for token, vectors in embeddings.items():
+            self.tokens.add(token, vectors, owner=owner, known=lambda s: s in vocab or f"{s}</w>" in vocab)
+
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Encode texts through the encode-prompt hook (or the core encoder), in the UNet's dtype."""
         texts = list(texts)

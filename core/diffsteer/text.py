@@ -182,6 +182,12 @@ class TokenTable:
         return out
 
 
+#: A transformers fast tokenizer stores padding and truncation settings in its Rust backend on every call, so
+#: two threads tokenizing with different settings (one call padding to 77, another not) corrupt each other's
+#: output (seen: a 77-token prompt came back 8 tokens long). Calls tokenize through views, which take this lock.
+_TOKENIZER_LOCK = threading.RLock()
+
+
 class TokenizerView:
     """A tokenizer that knows a :class:`TokenTable`'s tokens; everything else is the shared tokenizer's.
 
@@ -222,10 +228,11 @@ class TokenizerView:
         **kwargs: Any,
     ) -> BatchEncoding:
         if not len(self._table):
-            return self._tokenizer(
-                text, padding=padding, max_length=max_length, truncation=truncation,
-                add_special_tokens=add_special_tokens, return_tensors=return_tensors, **kwargs,
-            )
+            with _TOKENIZER_LOCK:
+                return self._tokenizer(
+                    text, padding=padding, max_length=max_length, truncation=truncation,
+                    add_special_tokens=add_special_tokens, return_tensors=return_tensors, **kwargs,
+                )
         kwargs.pop("verbose", None)
         if kwargs:
             raise TypeError(f"the added-token tokenizer view does not support {sorted(kwargs)}")
@@ -233,7 +240,8 @@ class TokenizerView:
         texts = [text] if single else list(text)
         split = [self._table.split(t) for t in texts]
         plain = [p for parts in split for p in parts if isinstance(p, str)]
-        plain_ids = iter(self._tokenizer(plain, add_special_tokens=False)["input_ids"] if plain else [])
+        with _TOKENIZER_LOCK:
+            plain_ids = iter(self._tokenizer(plain, add_special_tokens=False)["input_ids"] if plain else [])
         rows = [[i for p in parts for i in (next(plain_ids) if isinstance(p, str) else p)] for parts in split]
         if truncation and max_length is not None:
             rows = [r[: max_length - (2 if add_special_tokens else 0)] for r in rows]

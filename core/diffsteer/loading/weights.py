@@ -58,6 +58,18 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return _as_state_dict(loaded, p)
 
 
+def load_pickle(path: str | os.PathLike[str]) -> object:
+    """Read a ``torch.save`` file with ``weights_only=True`` (tensors, dicts, lists, strings, numbers).
+
+    For pickles that hold more than a flat state dict (A1111 embeddings); a malicious or corrupt file
+    raises :class:`WeightsError` naming it, and nothing in it is executed.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError("file not found" if not p.exists() else "not a regular file", source=p)
+    return _load_pickle(p)
+
+
 def _load_pickle(p: Path) -> object:
     with p.open("rb") as f:
         head = f.read(2)
