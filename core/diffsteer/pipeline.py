@@ -90,16 +90,19 @@ class Pipeline:
         scheduler: Optional[str] = None,
         torch_dtype: torch.dtype = torch.float32,
         device: Union[str, torch.device] = "cpu",
+        vae_dtype: Optional[torch.dtype] = None,
         **scheduler_overrides: Any,
     ) -> "Pipeline":
         """Load a diffusers-format folder, a hub id, or ``"shapes"`` (single files: :meth:`from_single_file`).
 
         ``scheduler`` picks a scheduler by name (``"ddim"``, ``"euler_a"``, ...) with the model's
-        ``scheduler_config.json``; ``scheduler_overrides`` change its config fields.
+        ``scheduler_config.json``; ``scheduler_overrides`` change its config fields. The VAE follows
+        ``torch_dtype`` except under float16, where it stays float32; ``vae_dtype`` overrides that
+        (see :func:`~diffsteer.loading.pipeline_loader.default_vae_dtype`).
         """
         from .loading.pipeline_loader import load_pipeline_parts
 
-        parts = load_pipeline_parts(model, torch_dtype=torch_dtype, device=device)
+        parts = load_pipeline_parts(model, torch_dtype=torch_dtype, device=device, vae_dtype=vae_dtype)
         sched = make_scheduler(scheduler, parts.scheduler_config, **scheduler_overrides)
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, sched, name=parts.name)
 
@@ -113,6 +116,7 @@ class Pipeline:
         scheduler: Optional[str] = None,
         torch_dtype: torch.dtype = torch.float32,
         device: Union[str, torch.device] = "cpu",
+        vae_dtype: Optional[torch.dtype] = None,
         **scheduler_overrides: Any,
     ) -> "Pipeline":
         """Load an original-layout single-file checkpoint (``.safetensors``, or ``.ckpt`` read safely).
@@ -123,7 +127,8 @@ class Pipeline:
         from .loading.pipeline_loader import load_single_file_parts
 
         parts = load_single_file_parts(
-            path, tokenizer=tokenizer, prediction_type=prediction_type, torch_dtype=torch_dtype, device=device
+            path, tokenizer=tokenizer, prediction_type=prediction_type, torch_dtype=torch_dtype, device=device,
+            vae_dtype=vae_dtype,
         )
         sched = make_scheduler(scheduler, parts.scheduler_config, **scheduler_overrides)
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, sched, name=parts.name)
