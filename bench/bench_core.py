@@ -99,6 +99,14 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def decode_seconds(pipe, size: int) -> float:
+    """One VAE decode of one image, in the VAE's own dtype (each library picks it under bf16)."""
+    z = torch.randn(1, 4, size // 8, size // 8, dtype=pipe.vae.dtype)
+    with torch.inference_mode():
+        pipe.vae.decode(z)  # warm-up
+        return timed(lambda: pipe.vae.decode(z))
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
@@ -213,8 +221,9 @@ def main() -> None:
     for dt in args.dtypes:
         figures["peak_gflops"][dt] = matmul_peak(getattr(torch, dt))
 
-    print("\n| dtype | size | diffusers s | diffsteer s | ratio | UNet GFLOP/step | diffsteer % of matmul peak |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| dtype | size | diffusers s | diffsteer s | ratio | UNet GFLOP/step | diffsteer % of matmul peak "
+          "| VAE decode s (diffusers / diffsteer) |")
+    print("|---|---|---|---|---|---|---|---|")
     step_seconds = {}
     for dt in args.dtypes:
         dtype = getattr(torch, dt)
@@ -228,14 +237,16 @@ def main() -> None:
                 for lib in order:
                     times[lib].append(timed(lambda: generate(pipes[lib], size, args.steps)))
             gflop = unet_flops(pipes["diffsteer"], size)
+            decode = {lib: decode_seconds(pipes[lib], size) for lib in pipes}
             d, s = statistics.median(times["diffusers"]), statistics.median(times["diffsteer"])
             # UNet share of a step ~ whole call minus text encode and decode; use the whole call: a lower bound.
             achieved = gflop * args.steps / s
             frac = achieved / figures["peak_gflops"][dt]
             step_seconds[(dt, size)] = s / args.steps
             figures["runs"].append(dict(dtype=dt, size=size, diffusers_s=d, diffsteer_s=s, ratio=s / d,
-                                        unet_gflop_per_step=gflop, peak_fraction=frac))
-            print(f"| {dt} | {size} | {d:.2f} | {s:.2f} | {s / d:.3f} | {gflop:.0f} | {100 * frac:.0f}% |")
+                                        unet_gflop_per_step=gflop, peak_fraction=frac, decode_s=decode))
+            print(f"| {dt} | {size} | {d:.2f} | {s:.2f} | {s / d:.3f} | {gflop:.0f} | {100 * frac:.0f}% "
+                  f"| {decode['diffusers']:.2f} / {decode['diffsteer']:.2f} |")
         del pipes
 
     print(f"\nmatmul peak (2048², {torch.get_num_threads()} threads): "
