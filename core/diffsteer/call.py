@@ -189,8 +189,9 @@ class GenerationCall:
         The call's ``text`` tokenizer and encoder (and so every prompt encoder, also a plugin's own built
         on ``call.text.tokenizer``/``call.text.encoder``) then read ``token`` as its vectors; an ``n``-vector
         token stands for ``n`` ids, spelt ``token token_1 ... token_{n-1}``. The shared models are not
-        changed, so concurrent calls on one pipeline each see only their own tokens. Call it from
-        :func:`~diffsteer.hookspecs.diffsteer_setup`. A token the tokenizer or the call already has, or
+        changed, so concurrent calls on one pipeline each see only their own tokens. Call it from a
+        ``@hookimpl(tryfirst=True)`` :func:`~diffsteer.hookspecs.diffsteer_setup`, before any plugin
+        tokenizes the call's prompts. A token the tokenizer or the call already has, or
         vectors of the wrong size, raise :class:`~diffsteer.errors.PluginError` naming ``owner``.
         """
         vocab = self.text.tokenizer.get_vocab()  # the shared tokenizer's own words (the view delegates)

@@ -55,7 +55,9 @@ def diffsteer_setup(call: "GenerationCall") -> None:
     fresh scheduler, generator).
     May change: ``call.state_for(self)`` (per-call state) and the call's vocabulary through
     ``call.add_tokens(owner, {token: vectors})`` (textual inversion: every prompt encoder of the call,
-    the core's or an ``encode_prompt`` plugin's, then reads the token; the shared models stay unchanged);
+    the core's or an ``encode_prompt`` plugin's, then reads the token; the shared models stay unchanged;
+    add tokens from a ``@hookimpl(tryfirst=True)`` setup, so plugins that tokenize in their own setup,
+    whatever their place in the list, see them);
     it may raise :class:`~diffsteer.errors.PluginError` to reject a model or request it cannot serve
     (wrong channel count, size mismatch).
     Returns: nothing.

@@ -115,7 +115,9 @@ class TextualInversion(Plugin):
         """Each token and its number of vectors."""
         return {t: int(v.shape[0]) for t, v in self.embeddings.items()}
 
-    @hookimpl
+    # tryfirst: before any plugin's setup, whatever the list order, since some (prompt weighting) tokenize the
+    # call's prompts in their own setup.
+    @hookimpl(tryfirst=True)
     def diffsteer_setup(self, call: Any) -> None:
         # Per-call vocabulary: the shared tokenizer and encoder stay as they are (thread-safe), and every prompt
         # encoder of the call (the core's, prompt weighting's) reads these tokens through call.text.
