@@ -197,3 +197,10 @@ def test_controlnet_for_another_unet_is_refused(pipe, make_control):
                                                                            "up_block_types", "conv_out_kernel")})
     with pytest.raises(PluginError, match=r"'controlnet'.*does not fit this UNet: block_out_channels \(16, 32\) but the UNet has \(32, 64\)"):
         run(pipe, [ControlNet(controlnet=other, image=make_control(1, SIZE, 0))])
+
+
+def test_controlnet_for_another_vae_factor_is_refused(pipe, make_control):
+    """Same UNet, but a control encoder made for SD's 8x VAE: the tiny model's VAE downsamples by 2."""
+    net = ControlNetModel.from_unet(pipe.unet)  # diffusers' default widths (16, 32, 96, 256)
+    with pytest.raises(PluginError, match=r"'controlnet'.*downsamples by 8 .* but this model's VAE by 2"):
+        run(pipe, [ControlNet(controlnet=net, image=make_control(1, SIZE, 0))])

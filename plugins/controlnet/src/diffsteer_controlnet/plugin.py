@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
@@ -178,7 +179,10 @@ class ControlNet(Plugin):
         key = (str(call.dtype), str(call.device), unet_config.model_dump_json())
         if key not in self._loaded:
             if self.controlnet is not None:
-                net = self.controlnet.to(device=call.device, dtype=call.dtype).eval()
+                net = self.controlnet
+                if net.dtype != call.dtype or net.device != call.device:
+                    # A copy: the caller's model stays as it was, and calls in other dtypes keep theirs.
+                    net = copy.deepcopy(net).to(device=call.device, dtype=call.dtype)
                 source = "the given controlnet"
             else:
                 source = f"model={self.settings.model!r}"
@@ -187,9 +191,16 @@ class ControlNet(Plugin):
                 except ModelLoadError as exc:
                     raise PluginError(NAME, f"cannot load {source}: {exc}") from None
             problems = net.fit_problems(unet_config)
+            vae_factor = 2 ** (len(call.vae.config.block_out_channels) - 1)
+            if net.config.downscale != vae_factor:
+                widths = net.config.conditioning_embedding_out_channels
+                problems.append(
+                    f"its control-image encoder downsamples by {net.config.downscale} (conditioning_embedding_out_channels "
+                    f"{widths}) but this model's VAE by {vae_factor}"
+                )
             if problems:
                 raise PluginError(NAME, f"{source} does not fit this UNet: " + "; ".join(problems))
-            self._loaded[key] = net.requires_grad_(False)
+            self._loaded[key] = net
         return self._loaded[key]
 
     @hookimpl
