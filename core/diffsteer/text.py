@@ -151,8 +151,9 @@ class TokenTable:
             raise PluginError(owner, f"token {token!r} must be non-empty without surrounding spaces")
         spellings = [token] + [f"{token}_{k}" for k in range(1, vectors.shape[0])]
         with self._lock:
+            have = {n.lower() for n in self._ids}
             for s in spellings:
-                if s in self._ids:
+                if s.lower() in have:
                     raise PluginError(owner, f"token {s!r} is already added (two embeddings for one token?)")
                 if known(s):
                     raise PluginError(
@@ -163,9 +164,10 @@ class TokenTable:
             ids[token] = list(range(first, first + len(spellings)))
             for k, s in enumerate(spellings[1:], start=1):
                 ids[s] = [first + k]
-            # Longest first, so "<x>_1" is not read as "<x>" followed by "_1".
+            # Longest first, so "<x>_1" is not read as "<x>" followed by "_1". Case-insensitive, as CLIP's
+            # tokenizer matches added tokens on its lowercased text ("<cat-toy>" finds "<Cat-Toy>").
             names = sorted(ids, key=len, reverse=True)
-            pattern = re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
+            pattern = re.compile("(" + "|".join(re.escape(n) for n in names) + ")", re.IGNORECASE)
             self._snap = (ids, torch.cat([self._vectors, vectors.to(self._vectors.dtype).cpu()]), pattern)
 
     def split(self, text: str) -> list[Union[str, list[int]]]:
@@ -173,10 +175,11 @@ class TokenTable:
         ids, _, pattern = self._snap
         if pattern is None:
             return [text]
+        lower = {n.lower(): i for n, i in ids.items()}
         out: list[Union[str, list[int]]] = []
         for k, piece in enumerate(pattern.split(text)):
             if k % 2:
-                out.append(ids[piece])
+                out.append(lower[piece.lower()])
             elif piece:
                 out.append(piece)
         return out

@@ -167,3 +167,24 @@ def test_bad_tokens_are_refused_before_any_work(tiny_pipe):
         embed(tiny_pipe, "a", [TextualInversion(tensors={"<t>": torch.ones(h)}), TextualInversion(tensors={"<t>": torch.ones(h)})])
     with pytest.raises(PluginError, match="NaN"):
         embed(tiny_pipe, "a", [TextualInversion(tensors={"<n>": torch.full((h,), float("nan"))})])
+
+
+def test_tokenizer_view_splits_as_a_tokenizer_with_added_tokens(tiny_pipe):
+    """The per-call view tokenizes like transformers' tokenizer after add_tokens (what diffusers uses):
+    tokens glued to words, repeated, in another case, and each sub-token of a multi-vector token."""
+    import copy
+
+    from diffsteer.text import TokenizerView, token_table_for
+
+    reference = copy.deepcopy(tiny_pipe.tokenizer)
+    reference.add_tokens(["<Cat-Toy>", "<dog>", "<dog>_1"])
+    table = token_table_for(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
+    table.add("<Cat-Toy>", torch.zeros(hidden(tiny_pipe)), owner="test")
+    table.add("<dog>", torch.zeros(2, hidden(tiny_pipe)), owner="test")
+    view = TokenizerView(tiny_pipe.tokenizer, table)
+    for text in ["a <Cat-Toy> red circle", "a <cat-toy> red", "red<dog>_1circle <dog>_1", "A RED <DOG>_1  square",
+                 "<Cat-Toy><Cat-Toy>", "no token at all"]:
+        for kw in ({}, {"padding": "max_length", "max_length": 77, "truncation": True}):
+            assert view(text, **kw)["input_ids"] == reference(text, **kw)["input_ids"], (text, kw)
+    with pytest.raises(PluginError, match="already added"):
+        table.add("<CAT-toy>", torch.zeros(hidden(tiny_pipe)), owner="test")
