@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -158,12 +158,13 @@ class Pipeline:
         pipe.tokens = self.tokens
         return pipe
 
-    def add_tokens(self, embeddings: Any, owner: str = "pipeline") -> None:
+    def add_tokens(self, embeddings: "Mapping[str, torch.Tensor]", owner: str = "pipeline") -> None:
         """Add tokens that every later call knows: ``{token: (hidden,) or (n, hidden) vectors}``.
 
         Like :meth:`GenerationCall.add_tokens <diffsteer.call.GenerationCall.add_tokens>` but kept on the
-        pipeline (calls already running keep the tokens they started with). The models are not changed:
-        ``save_pretrained`` does not write these tokens.
+        pipeline (calls already running keep the tokens they started with; pipelines made by
+        :meth:`with_scheduler` share them). The models are not changed: ``save_pretrained`` does not
+        write these tokens.
         """
         vocab = self.tokenizer.get_vocab()
         for token, vectors in dict(embeddings).items():
