@@ -60,6 +60,10 @@ def atomic_directory(target: PathLike) -> Iterator[Path]:
         for path in tmp.rglob("*"):
             if path.is_file():
                 _fsync(path)
+        # mkdtemp makes the folder owner-only; give it the mode a plain mkdir() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
