@@ -293,6 +293,50 @@ def test_add_noise_per_item_timesteps(name: str) -> None:
     assert_close(ours.add_noise(x, noise, t), theirs.add_noise(x, noise, t.clone()), "add_noise")
 
 
+@pytest.mark.parametrize("config_id", ["sd1-eps", "sd1-v", "zero-snr-v"])
+@pytest.mark.parametrize("name", list(ORACLES))
+def test_split_model_output_and_renoise_invert_each_other(name: str, config_id: str) -> None:
+    """At every step, (x0, eps) from split_model_output re-noise to the sample (renoise), and x0 is the step's
+    own clean estimate: the pair a guidance plugin (SAG) uses to rebuild a sample in the sampler's own space."""
+    config = CONFIGS[config_id]
+    if name == "pndm" and config.get("rescale_betas_zero_snr"):
+        pytest.skip("PNDM ignores rescale_betas_zero_snr")
+    sched = make_scheduler(name, config)
+    sched.set_timesteps(8)
+    latents = initial_latents(sched)
+    generator = torch.Generator().manual_seed(3)
+    for i, t in enumerate(sched.timesteps):
+        output = fake_model(sched.scale_model_input(latents, t), t)
+        x0, eps = sched.split_model_output(output, latents, t)
+        again = sched.renoise(x0, eps, t)
+        scale = float(latents.abs().max())
+        assert (again - latents).abs().max() <= 1e-5 * max(scale, 1.0), f"step {i}: renoise(split(x)) != x"
+        out = sched.step(output, t, latents, generator=generator)
+        # PNDM's own estimate comes from its multistep blend of past outputs, not from this output alone.
+        if out.pred_original_sample is not None and name != "pndm":
+            assert_close(x0, out.pred_original_sample, f"x0 at step {i}")
+        latents = out.prev_sample
+
+
+def test_split_model_output_is_the_sag_reference_formula() -> None:
+    """For variance-preserving samplers the split is diffusers' StableDiffusionSAGPipeline.pred_x0 / pred_epsilon."""
+    from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import (
+        StableDiffusionSAGPipeline,
+    )
+
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    out = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    for config in (SD1, {**SD1, "prediction_type": "v_prediction"}, ZERO_SNR):
+        ours, theirs = make_scheduler("ddim", config), diffusers.DDIMScheduler.from_config(config)
+        ours.set_timesteps(10)
+        holder = type("Holder", (), {"scheduler": theirs})()  # pred_x0 / pred_epsilon only read self.scheduler
+        for t in ours.timesteps[[0, 4, 9]]:
+            x0, eps = ours.split_model_output(out, x, t)
+            assert torch.equal(x0, StableDiffusionSAGPipeline.pred_x0(holder, x, out, t))
+            assert torch.equal(eps, StableDiffusionSAGPipeline.pred_epsilon(holder, x, out, t))
+            assert torch.equal(ours.renoise(x0, eps, t), theirs.add_noise(x0, eps, t[None]))
+
+
 @pytest.mark.parametrize(
     "name, config",
     [

@@ -11,6 +11,7 @@ import torch
 
 from .config import DEFAULTS_KEY, SchedulerConfig, build_config
 from .noise_schedule import make_betas, spaced_timesteps
+from .prediction import split_prediction
 
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 TimestepLike = Union[torch.Tensor, int, float]
@@ -159,6 +160,36 @@ class Scheduler(ABC):
         """The v-prediction training target v = sqrt(abar_t) * noise - sqrt(1 - abar_t) * x0."""
         root_alpha, root_beta = self._train_scales(timesteps, sample)
         return root_alpha * noise - root_beta * sample
+
+    # ----- x0 / noise estimates at the current step (for guidance that re-noises an x0: SAG) --------
+
+    def split_model_output(
+        self, model_output: torch.Tensor, sample: torch.Tensor, timestep: TimestepLike
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0, eps)``: the clean-sample and noise estimates that ``model_output`` implies for ``sample``.
+
+        ``sample`` is this scheduler's sample at the step of ``timestep`` (what :meth:`step` receives,
+        before :meth:`scale_model_input`), ``model_output`` the UNet's output for it. The estimates are
+        raw: no clipping or thresholding (that is :meth:`step`'s business), and they read no step state
+        or history, so a plugin may call this between the UNet pass and :meth:`step`.
+        :meth:`renoise` is the inverse: ``renoise(*split_model_output(out, x, t), t)`` is ``x``.
+
+        Variance-preserving samplers (DDIM, DDPM, PNDM) use the training schedule at ``timestep``,
+        ``x = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps``, the formula of diffusers'
+        ``StableDiffusionSAGPipeline.pred_x0`` / ``pred_epsilon``; the sigma samplers use the noise
+        level of the current step (see :class:`~diffsteer.schedulers.sigma_base.SigmaScheduler`).
+        """
+        root_alpha, root_beta = self._train_scales(timestep, sample)
+        return split_prediction(self.config.prediction_type, model_output, sample, root_alpha, root_beta)
+
+    def renoise(self, original_samples: torch.Tensor, noise: torch.Tensor, timestep: TimestepLike) -> torch.Tensor:
+        """A sample of this scheduler at the noise level of the step at ``timestep``, from x0 and a noise.
+
+        The inverse of :meth:`split_model_output`. For variance-preserving samplers it is
+        :meth:`add_noise` at ``timestep``; the sigma samplers differ from their ``add_noise`` (which
+        follows diffusers' img2img conventions) in always using the *current* step's sigma.
+        """
+        return self.add_noise(original_samples, noise, torch.as_tensor(timestep).reshape(1))
 
     # ----- helpers for subclasses -----------------------------------------------------------------
 

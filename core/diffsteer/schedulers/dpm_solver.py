@@ -18,7 +18,7 @@ from .base import ConfigLike, Generators, SchedulerOutput, TimestepLike
 from .config import Flag, ThresholdingFields, Unsupported, ZeroSnrFields
 from .noise_schedule import exponential_sigmas, karras_sigmas, sigma_to_timestep, spaced_timesteps
 from .prediction import refine_x0, split_prediction
-from .sigma_base import SigmaScheduler
+from .sigma_base import SigmaScheduler, vp_scales
 
 
 def _from_sibling_scheduler(aliases: dict[str, str]) -> Any:
@@ -59,12 +59,6 @@ class DPMSolverConfig(ZeroSnrFields, ThresholdingFields):
         if self.use_karras_sigmas and self.use_exponential_sigmas:
             raise ValueError("fields 'use_karras_sigmas' and 'use_exponential_sigmas' cannot both be true")
         return self
-
-
-def _vp_scales(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha_t, sigma_t) of the VP sample whose VE noise level is ``sigma``."""
-    alpha = 1 / ((sigma**2 + 1) ** 0.5)
-    return alpha, sigma * alpha
 
 
 def _log_snr(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -130,8 +124,11 @@ class DPMSolverScheduler(SigmaScheduler):
         self._reset_history()
 
     def _noised(self, original: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        alpha_t, sigma_t = _vp_scales(sigma)
+        alpha_t, sigma_t = vp_scales(sigma)
         return alpha_t * original + sigma_t * noise
+
+    def _to_vp(self, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return sample  # DPM-Solver keeps VP samples
 
     def step(
         self,
@@ -148,7 +145,7 @@ class DPMSolverScheduler(SigmaScheduler):
             cfg.euler_at_final or (cfg.lower_order_final and steps < 15) or cfg.final_sigmas_type == "zero"
         )
 
-        alpha_s, sigma_s = _vp_scales(self.sigmas[index])
+        alpha_s, sigma_s = vp_scales(self.sigmas[index])
         x0, _ = split_prediction(cfg.prediction_type, model_output, sample, alpha_s, sigma_s)
         x0 = refine_x0(x0, cfg)
         self._x0_history = (self._x0_history + [x0])[-cfg.solver_order:]
@@ -178,8 +175,8 @@ class DPMSolverScheduler(SigmaScheduler):
         DPM-Solver++ (ODE) and of its SDE variant, in diffusers' operation order.
         """
         sde = self.config.algorithm_type == "sde-dpmsolver++"
-        alpha_t, sigma_t = _vp_scales(self.sigmas[index + 1])
-        alpha_s0, sigma_s0 = _vp_scales(self.sigmas[index])
+        alpha_t, sigma_t = vp_scales(self.sigmas[index + 1])
+        alpha_s0, sigma_s0 = vp_scales(self.sigmas[index])
         h = _log_snr(alpha_t, sigma_t) - _log_snr(alpha_s0, sigma_s0)
 
         if sde:
@@ -192,7 +189,7 @@ class DPMSolverScheduler(SigmaScheduler):
         prev_sample = c_x * sample + c_0 * d0
 
         if second_order:
-            alpha_s1, sigma_s1 = _vp_scales(self.sigmas[index - 1])
+            alpha_s1, sigma_s1 = vp_scales(self.sigmas[index - 1])
             h_0 = _log_snr(alpha_s0, sigma_s0) - _log_snr(alpha_s1, sigma_s1)
             d1 = (1.0 / (h_0 / h)) * (d0 - self._x0_history[-2])
             if self.config.solver_type == "midpoint":

@@ -14,6 +14,7 @@ import torch
 
 from .base import ConfigLike, Scheduler, TimestepLike, per_sample
 from .noise_schedule import ZERO_SNR_ALPHA_CUMPROD, sigmas_from_alphas_cumprod
+from .prediction import split_prediction
 
 
 class SigmaScheduler(Scheduler):
@@ -66,8 +67,14 @@ class SigmaScheduler(Scheduler):
 
     def _current_index(self, timestep: TimestepLike) -> int:
         if self._step_index is None:
-            self._step_index = self._begin_index if self._begin_index is not None else self._position(timestep)
+            self._step_index = self._peek_index(timestep)
         return self._step_index
+
+    def _peek_index(self, timestep: TimestepLike) -> int:
+        """The index :meth:`_current_index` gives, without starting the step count."""
+        if self._step_index is not None:
+            return self._step_index
+        return self._begin_index if self._begin_index is not None else self._position(timestep)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Any) -> torch.Tensor:
         """Noise ``original_samples`` to the sigma of ``timesteps`` (entries of ``self.timesteps``)."""
@@ -86,3 +93,34 @@ class SigmaScheduler(Scheduler):
     def _noised(self, original: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """A sample at noise level ``sigma``; variance-exploding by default (x0 + sigma * noise)."""
         return original + noise * sigma
+
+    def _to_vp(self, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The variance-preserving form of a sample at level ``sigma`` (VE: divided by sqrt(sigma^2 + 1))."""
+        return sample / ((sigma**2 + 1) ** 0.5)
+
+    def split_model_output(
+        self, model_output: torch.Tensor, sample: torch.Tensor, timestep: TimestepLike
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0, eps)`` at the current step's sigma (see :meth:`Scheduler.split_model_output`).
+
+        The model saw the VP sample ``alpha * x0 + sigma_vp * eps`` with ``alpha = 1 / sqrt(sigma^2 + 1)``
+        and ``sigma_vp = sigma * alpha``; its output is read in that convention whatever the sampler keeps.
+        """
+        sigma = self.sigmas[self._peek_index(timestep)].to(device=sample.device, dtype=sample.dtype)
+        alpha_t, sigma_t = vp_scales(sigma)
+        return split_prediction(
+            self.config.prediction_type, model_output, self._to_vp(sample, sigma), alpha_t, sigma_t
+        )
+
+    def renoise(self, original_samples: torch.Tensor, noise: torch.Tensor, timestep: TimestepLike) -> torch.Tensor:
+        """x0 noised to the current step's sigma, in this sampler's sample space."""
+        sigma = self.sigmas[self._peek_index(timestep)].to(
+            device=original_samples.device, dtype=original_samples.dtype
+        )
+        return self._noised(original_samples, noise, sigma)
+
+
+def vp_scales(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) of the VP sample whose VE noise level is ``sigma``."""
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha, sigma * alpha
