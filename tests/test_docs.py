@@ -33,7 +33,8 @@ from diffsteer.testing import build_tiny_sd
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = ["index.md", "getting-started.md", "concepts.md", "plugin-authors.md", "cli.md", "loading.md",
-         "schedulers.md", "shapes-model.md", "sega.md", "prompt-weighting.md", "sag.md"]
+         "schedulers.md", "shapes-model.md", "sega.md", "prompt-weighting.md", "sag.md",
+         "textual-inversion.md", "controlnet.md"]
 FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 NOT_RUN = "# not run"
 FILE = re.compile(r"#\s*file:\s*(\S+)")
