@@ -1,6 +1,7 @@
 """diffsteer's own SD 1.x/2.x models; parameter names equal diffusers' state-dict keys."""
 
 from .attention import Attention, AttentionProcessor, name_attention_layers, use_attention_processors
+from .configured import ConfiguredModel
 from .embeddings import TimestepEmbedding, Timesteps, broadcast_timestep, timestep_features
 from .random import randn_tensor
 from .unet import UNet2DConditionModel, build_time_embedding, embed_timestep
@@ -24,6 +25,7 @@ __all__ = [
     "AttentionProcessor",
     "AutoencoderKL",
     "AutoencoderKLConfig",
+    "ConfiguredModel",
     "CrossAttnDownBlock2D",
     "CrossAttnUpBlock2D",
     "DiagonalGaussian",

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .attention import name_attention_layers
+from .configured import ConfiguredModel
 from .embeddings import TimestepEmbedding, TimestepLike, Timesteps, broadcast_timestep
 from .unet_blocks import add_residual, build_down_blocks, build_mid_block, build_up_blocks
 from .unet_config import UNetBackboneConfig, UNetConfig
@@ -33,7 +34,7 @@ def embed_timestep(
     return time_embedding(time_proj(timesteps).to(dtype=sample.dtype))
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(ConfiguredModel[UNetConfig]):
     """Text-conditioned noise-prediction UNet of Stable Diffusion 1.x/2.x.
 
     Built from a :class:`UNetConfig` (or a diffusers ``config.json`` mapping); parameter names equal
@@ -41,11 +42,11 @@ class UNet2DConditionModel(nn.Module):
     path (self-attention ``...attn1``, cross-attention ``...attn2``).
     """
 
+    config_class = UNetConfig
+
     def __init__(self, config: Union[UNetConfig, Mapping[str, Any]]) -> None:
-        super().__init__()
-        if not isinstance(config, UNetConfig):
-            config = UNetConfig.model_validate(dict(config))
-        self._config = config
+        super().__init__(config)
+        config = self.config
         channels = config.block_out_channels
 
         self.conv_in = nn.Conv2d(
@@ -65,24 +66,7 @@ class UNet2DConditionModel(nn.Module):
         stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
         self._attention_layers = sorted(name_attention_layers(self), key=lambda name: stage[name.split(".")[0]])
 
-    @classmethod
-    def from_config(cls, config: Union[UNetConfig, Mapping[str, Any]]) -> "UNet2DConditionModel":
-        """Build a randomly initialised model from a config object or a ``config.json`` mapping."""
-        return cls(config)
-
     # -- introspection ----------------------------------------------------------------------------------
-    @property
-    def config(self) -> UNetConfig:
-        return self._config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
     def attention_layers(self) -> list[str]:
         """Module paths of all attention layers in forward order: down blocks, mid block, up blocks."""
         return list(self._attention_layers)

@@ -9,6 +9,7 @@ from pydantic import field_validator, model_validator
 from torch import nn
 
 from .attention import name_attention_layers
+from .configured import ConfiguredModel
 from .config_utils import DiffusersConfig, reject_unsupported
 from .random import Generators, randn_tensor
 from .vae_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
@@ -155,41 +156,24 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(ConfiguredModel[AutoencoderKLConfig]):
     """SD's VAE with diffusers' module names (``encoder``, ``quant_conv``, ``post_quant_conv``, ``decoder``).
 
     ``encode`` and ``decode`` work on unscaled latents; scaling by ``config.scaling_factor`` (and
     ``shift_factor``) is the caller's job, as in diffusers.
     """
 
+    config_class = AutoencoderKLConfig
+
     def __init__(self, config: Union[AutoencoderKLConfig, Mapping[str, Any]]) -> None:
-        super().__init__()
-        if not isinstance(config, AutoencoderKLConfig):
-            config = AutoencoderKLConfig.model_validate(dict(config))
-        self._config = config
+        super().__init__(config)
+        config = self.config
         latent = config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, kernel_size=1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, kernel_size=1) if config.use_post_quant_conv else None
         self._attention_layers = name_attention_layers(self)
-
-    @classmethod
-    def from_config(cls, config: Union[AutoencoderKLConfig, Mapping[str, Any]]) -> "AutoencoderKL":
-        """Build a randomly initialised model from a config object or a ``config.json`` mapping."""
-        return cls(config)
-
-    @property
-    def config(self) -> AutoencoderKLConfig:
-        return self._config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def attention_layers(self) -> list[str]:
         """Module paths of the (mid-block) attention layers."""

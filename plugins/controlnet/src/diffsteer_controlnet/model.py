@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffsteer.models import (
+    ConfiguredModel,
     UNet2DConditionModel,
     UNetBackboneConfig,
     build_down_blocks,
@@ -92,7 +93,7 @@ def _zero_conv(channels: int) -> nn.Conv2d:
     return nn.Conv2d(channels, channels, kernel_size=1)
 
 
-class ControlNetModel(nn.Module):
+class ControlNetModel(ConfiguredModel[ControlNetConfig]):
     """ControlNet for SD 1.x/2.x UNets, with diffusers' module names.
 
     Example:
@@ -106,11 +107,11 @@ class ControlNetModel(nn.Module):
         (4, 0.0)
     """
 
+    config_class = ControlNetConfig
+
     def __init__(self, config: Union[ControlNetConfig, Mapping[str, Any]]) -> None:
-        super().__init__()
-        if not isinstance(config, ControlNetConfig):
-            config = ControlNetConfig.model_validate(dict(config))
-        self._config = config
+        super().__init__(config)
+        config = self.config
         channels = config.block_out_channels
         self.conv_in = nn.Conv2d(
             config.in_channels, channels[0], config.conv_in_kernel, padding=(config.conv_in_kernel - 1) // 2
@@ -130,11 +131,6 @@ class ControlNetModel(nn.Module):
         self.controlnet_mid_block = _zero_conv(channels[-1])
         self.mid_block = build_mid_block(config)
         self.zero_init_()
-
-    @classmethod
-    def from_config(cls, config: Union[ControlNetConfig, Mapping[str, Any]]) -> "ControlNetModel":
-        """A randomly initialised model (with zero convolutions) from a config or ``config.json`` mapping."""
-        return cls(config)
 
     @classmethod
     def from_unet(
@@ -158,18 +154,6 @@ class ControlNetModel(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
         return self
-
-    @property
-    def config(self) -> ControlNetConfig:
-        return self._config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def fit_problems(self, unet_config: UNetBackboneConfig) -> list[str]:
         """Why this ControlNet cannot steer a UNet of ``unet_config`` (empty when it can)."""
