@@ -134,3 +134,27 @@ def max_abs_diff(a: Any, b: Any) -> float:
         return np.asarray(x, dtype=np.float64)
 
     return float(np.abs(arr(a) - arr(b)).max())
+
+
+def branch_recorder(seen: dict) -> Any:
+    """A plugin that records, into ``seen``, every branch's embeddings (by branch name, after every plugin
+    listed before it added its branches) and the call's token ids of the prompts (``seen["ids"]``, one
+    list per prompt). List it last to see what the UNet will get.
+
+    Example:
+        >>> seen = {}
+        >>> pipe("a red circle", num_inference_steps=1, plugins=[..., branch_recorder(seen)])  # doctest: +SKIP
+        >>> seen["cond"].shape                                                              # doctest: +SKIP
+        torch.Size([1, 77, 32])
+    """
+    from diffsteer import Plugin, hookimpl
+
+    class BranchRecorder(Plugin):
+        name = "branch-recorder"
+
+        @hookimpl
+        def diffsteer_guidance_branches(self, call: Any, branches: Any) -> None:
+            seen.update({n: branches[n].embeddings.clone() for n in branches.names})
+            seen["ids"] = [row.tolist() for row in call.text.token_ids(call.request.prompts)]
+
+    return BranchRecorder()

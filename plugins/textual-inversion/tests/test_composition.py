@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffsteer import Plugin, hookimpl
 from diffsteer.shapes import dominant_colour
+from diffsteer.testing import branch_recorder
 from diffsteer_prompt_weighting import PromptWeighting
 from diffsteer_sega import Sega
 from diffsteer_textual_inversion import TextualInversion
@@ -22,23 +22,10 @@ from diamonds import diamond_rate
 N, STEPS = 16, 20
 
 
-class Probe(Plugin):
-    """Records every branch's embeddings, after the other plugins added theirs."""
-
-    name = "probe"
-
-    def __init__(self, seen):
-        super().__init__()
-        self.seen = seen
-
-    @hookimpl
-    def diffsteer_guidance_branches(self, call, branches):
-        self.seen.update({n: branches[n].embeddings.clone() for n in branches.names})
-
 
 def branches(pipe, prompt, plugins):
     seen: dict = {}
-    pipe(prompt, num_inference_steps=1, seed=0, output_type="latent", plugins=[*plugins, Probe(seen)])
+    pipe(prompt, num_inference_steps=1, seed=0, output_type="latent", plugins=[*plugins, branch_recorder(seen)])
     return seen
 
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffsteer import Plugin, hookimpl
 from diffsteer.pipeline import Pipeline
-from diffsteer.testing import diffusers_pipeline, max_abs_diff
+from diffsteer.testing import branch_recorder, diffusers_pipeline, max_abs_diff
 from diffsteer_textual_inversion import TextualInversion, read_embedding
 from diffsteer_textual_inversion.train import train_embedding
 
@@ -19,17 +18,6 @@ IMAGE_TOL = 1e-4
 PROMPT = "a red <x> circle and a <x> square"
 STEPS = 4
 
-
-class Probe(Plugin):
-    name = "probe"
-
-    def __init__(self, seen):
-        super().__init__()
-        self.seen = seen
-
-    @hookimpl
-    def diffsteer_guidance_branches(self, call, branches):
-        self.seen["cond"] = branches["cond"].embeddings.clone()
 
 
 def write(kind: str, folder, vectors: torch.Tensor):
@@ -67,7 +55,7 @@ def test_embeddings_and_image_match_diffusers(tiny_sd1, tmp_path, kind, vectors)
     seen: dict = {}
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     got = ours(PROMPT, num_inference_steps=STEPS, latents=latents, output_type="np",
-               plugins=[TextualInversion(embeddings=[file]), Probe(seen)]).images
+               plugins=[TextualInversion(embeddings=[file]), branch_recorder(seen)]).images
     with torch.no_grad():
         ref_embeds, _ = ref.encode_prompt(PROMPT, "cpu", 1, False)
     want = ref(PROMPT, num_inference_steps=STEPS, latents=latents.clone(), output_type="np").images
@@ -102,7 +90,7 @@ def test_diffsteer_trained_embedding_loads_in_diffusers(tiny_sd1, tmp_path):
     ours = Pipeline.from_pretrained(tiny_sd1, scheduler="ddim")
     seen: dict = {}
     ours("a <t> square", num_inference_steps=1, seed=0, output_type="latent",
-         plugins=[TextualInversion(embeddings=[path]), Probe(seen)])
+         plugins=[TextualInversion(embeddings=[path]), branch_recorder(seen)])
     with torch.no_grad():
         ref_embeds, _ = ref.encode_prompt("a <t> square", "cpu", 1, False)
     d = max_abs_diff(seen["cond"], ref_embeds)

@@ -9,24 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffsteer import Plugin, PluginError, SettingsError, hookimpl
+from diffsteer import PluginError, SettingsError
+from diffsteer.testing import branch_recorder
 from diffsteer.pipeline import Pipeline
 from diffsteer_textual_inversion import TextualInversion, load_textual_inversion, read_embedding, write_embedding
 
-
-class Probe(Plugin):
-    """Records the call's token ids for the prompt and the cond embeddings."""
-
-    name = "probe"
-
-    def __init__(self, seen):
-        super().__init__()
-        self.seen = seen
-
-    @hookimpl
-    def diffsteer_guidance_branches(self, call, branches):
-        self.seen["ids"] = call.text.token_ids(call.request.prompts)[0].tolist()
-        self.seen["cond"] = branches["cond"].embeddings.clone()
 
 
 def hidden(pipe):
@@ -39,7 +26,7 @@ def vectors(pipe, n, seed):
 
 def embed(pipe, prompt, plugins=()):
     seen = {}
-    pipe(prompt, num_inference_steps=1, seed=0, output_type="latent", plugins=[*plugins, Probe(seen)])
+    pipe(prompt, num_inference_steps=1, seed=0, output_type="latent", plugins=[*plugins, branch_recorder(seen)])
     return seen
 
 
@@ -50,11 +37,11 @@ def test_multi_vector_token_expands_to_all_its_vectors(tiny_pipe):
     base = len(tiny_pipe.tokenizer)
     red = tiny_pipe.tokenizer("a red", add_special_tokens=False)["input_ids"]
     circle = tiny_pipe.tokenizer("circle", add_special_tokens=False)["input_ids"]
-    assert seen["ids"][: 1 + len(red) + 3 + len(circle) + 1] == (
+    assert seen["ids"][0][: 1 + len(red) + 3 + len(circle) + 1] == (
         [tiny_pipe.tokenizer.bos_token_id, *red, base, base + 1, base + 2, *circle, tiny_pipe.tokenizer.eos_token_id]
     )
     # "<x>_1" alone is its second vector only
-    assert embed(tiny_pipe, "a <x>_1", [ti])["ids"][2:4] == [base + 1, tiny_pipe.tokenizer.eos_token_id]
+    assert embed(tiny_pipe, "a <x>_1", [ti])["ids"][0][2:4] == [base + 1, tiny_pipe.tokenizer.eos_token_id]
 
 
 def test_token_changes_the_prompt_embedding_and_only_for_that_call(tiny_pipe):
@@ -77,7 +64,7 @@ def test_several_embeddings_at_once_equal_each_alone_where_they_do_not_interact(
     split = [TextualInversion(embeddings=[tmp_path / "a.safetensors"]), TextualInversion(embeddings=[tmp_path / "b.safetensors"])]
     assert torch.equal(embed(tiny_pipe, "<a> and <b>", split)["cond"], seen["cond"])
     base = len(tiny_pipe.tokenizer)
-    assert {base, base + 1, base + 2} <= set(seen["ids"])
+    assert {base, base + 1, base + 2} <= set(seen["ids"][0])
 
 
 def test_persistent_tokens_serve_later_calls_without_the_plugin(tiny_sd1, tmp_path):

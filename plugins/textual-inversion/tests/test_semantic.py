@@ -14,8 +14,6 @@ drew, and one token vector can only steer it toward the nearest one it can draw.
 
 from __future__ import annotations
 
-import torch
-
 from diffsteer_textual_inversion import TextualInversion
 from conftest import DATA
 from diamonds import diamond_rate, diamond_set
