@@ -6,7 +6,8 @@ the ``test`` extra installs: ``pip install "diffsteer[test]"``.
 
 Fixtures: ``tiny_sd1`` / ``tiny_sd2`` (folders of tiny random SD1-/SD2-like models written by diffusers'
 own ``save_pretrained``), ``tiny_pipe`` (a diffsteer Pipeline on ``tiny_sd1``) and ``shapes_pipe``
-(the shipped shapes model).
+(the shipped shapes model). Helpers: ``build_tiny_sd``, ``diffusers_pipeline``, ``max_abs_diff``, and
+the recording plugins ``branch_recorder`` and ``pass_recorder``.
 """
 
 from __future__ import annotations
@@ -158,3 +159,34 @@ def branch_recorder(seen: dict) -> Any:
             seen["ids"] = [row.tolist() for row in call.text.token_ids(call.request.prompts)]
 
     return BranchRecorder()
+
+
+def pass_recorder(passes: list) -> Any:
+    """A plugin that appends, to ``passes``, one dict per UNet pass of a call (the main pass and every
+    extra pass a plugin runs): ``step``, ``pass_name``, ``layout`` (its branches), copies of ``sample``,
+    ``timestep`` and ``hidden`` (the encoder hidden states), and of the ``down`` / ``mid`` residuals that
+    the plugins listed before it added (``None`` when there are none). List it last.
+
+    Example:
+        >>> passes = []
+        >>> pipe("a circle", num_inference_steps=2, plugins=[..., pass_recorder(passes)])  # doctest: +SKIP
+        >>> [(p["pass_name"], p["layout"].names) for p in passes][:2]                   # doctest: +SKIP
+        [('main', ['uncond', 'cond']), ('sag', ['uncond'])]
+    """
+    from diffsteer import Plugin, hookimpl
+
+    def copy(t: Any) -> Any:
+        return None if t is None else [x.clone() for x in t] if isinstance(t, list) else t.clone()
+
+    class PassRecorder(Plugin):
+        name = "pass-recorder"
+
+        @hookimpl
+        def diffsteer_model_inputs(self, call: Any, step: Any, inputs: Any) -> None:
+            passes.append(dict(
+                step=step.index, pass_name=inputs.pass_name, layout=inputs.layout, sample=inputs.sample.clone(),
+                timestep=inputs.timestep, hidden=inputs.encoder_hidden_states.clone(),
+                down=copy(inputs.down_residuals), mid=copy(inputs.mid_residual),
+            ))
+
+    return PassRecorder()

@@ -7,29 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffsteer import Pipeline, Plugin, hookimpl
+from diffsteer import Pipeline
+from diffsteer.testing import pass_recorder
 from diffsteer_controlnet import ControlNet, load_controlnet
 
 SIZE = 32
 STEPS = 4
 
-
-class Recorder(Plugin):
-    """Listed last: keeps each UNet pass's inputs after the ControlNet added its residuals."""
-
-    name = "recorder"
-
-    def __init__(self):
-        super().__init__()
-        self.passes = []
-
-    @hookimpl
-    def diffsteer_model_inputs(self, call, step, inputs):
-        self.passes.append(dict(
-            step=step.index, pass_name=inputs.pass_name, layout=inputs.layout, sample=inputs.sample.clone(),
-            t=inputs.timestep, hidden=inputs.encoder_hidden_states.clone(),
-            mid=None if inputs.mid_residual is None else inputs.mid_residual.clone(),
-        ))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +34,7 @@ def run(pipe, plugins, prompt="a red circle", **kw):
 def recompute_mid(net, record, image):
     """The ControlNet's mid residual for a recorded pass, from that pass's own rows and embeddings."""
     n = record["sample"].shape[0]
-    _, mid = net(record["sample"], record["t"], record["hidden"], image.repeat(n, 1, 1, 1))
+    _, mid = net(record["sample"], record["timestep"], record["hidden"], image.repeat(n, 1, 1, 1))
     return mid
 
 
@@ -60,9 +44,10 @@ def test_sega_concept_branches_get_residuals_and_both_effects_stay(pipe, net_fol
 
     image = make_control(1, SIZE, 0)
     sega = dict(concepts=[dict(prompt="green", warmup_steps=0, guidance_scale=6.0), dict(prompt="square", warmup_steps=0)])
-    rec = Recorder()
-    both = run(pipe, [Sega(**sega), ControlNet(model=str(net_folder), image=image, guess_mode=guess_mode), rec])
-    main = rec.passes[0]
+    passes = []
+    cn = ControlNet(model=str(net_folder), image=image, guess_mode=guess_mode)
+    both = run(pipe, [Sega(**sega), cn, pass_recorder(passes)])
+    main = passes[0]
     concepts = [n for n in main["layout"].names if n not in ("uncond", "cond")]
     assert len(concepts) == 2
     net = load_controlnet(net_folder)
@@ -88,9 +73,10 @@ def test_prompt_weighting_embeddings_reach_the_controlnet(pipe, net_folder, make
 
     image = make_control(1, SIZE, 0)
     prompt = "a (red:1.8) circle"
-    rec = Recorder()
-    weighted = run(pipe, [PromptWeighting(syntax="a1111"), ControlNet(model=str(net_folder), image=image), rec], prompt=prompt)
-    main = rec.passes[0]
+    passes = []
+    cn = ControlNet(model=str(net_folder), image=image)
+    weighted = run(pipe, [PromptWeighting(syntax="a1111"), cn, pass_recorder(passes)], prompt=prompt)
+    main = passes[0]
     # The recorded embeddings are the weighted ones, and the residuals were computed from exactly them.
     plain_hidden = pipe.text.encode([prompt])
     assert not torch.allclose(main["hidden"][main["layout"].rows("cond")], plain_hidden)
@@ -106,10 +92,10 @@ def test_prompt_weighting_embeddings_reach_the_controlnet(pipe, net_folder, make
 def test_sag_degraded_pass_gets_the_residuals_of_its_branch(pipe, net_folder, make_control, guess_mode):
     sag_module = pytest.importorskip("diffsteer_sag")
     image = make_control(1, SIZE, 0)
-    rec = Recorder()
+    passes = []
     cn = ControlNet(model=str(net_folder), image=image, guess_mode=guess_mode)
-    both = run(pipe, [sag_module.Sag(sag_scale=1.0), cn, rec])
-    degraded = [p for p in rec.passes if p["pass_name"] == sag_module.PASS_NAME]
+    both = run(pipe, [sag_module.Sag(sag_scale=1.0), cn, pass_recorder(passes)])
+    degraded = [p for p in passes if p["pass_name"] == sag_module.PASS_NAME]
     assert len(degraded) == STEPS
     net = load_controlnet(net_folder)
     for p in degraded:

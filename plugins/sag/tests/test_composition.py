@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from diffsteer import Plugin, PluginError, hookimpl
 from diffsteer.models import UNet2DConditionModel
 from diffsteer.pipeline import Pipeline
-from diffsteer.testing import diffusers_pipeline, max_abs_diff
+from diffsteer.testing import diffusers_pipeline, max_abs_diff, pass_recorder
 from diffsteer_sag import Sag
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
@@ -185,17 +184,6 @@ def need(module):
     return pytest.importorskip(module, reason=f"{module} (plugins/) is not installed")
 
 
-class Passes(Plugin):
-    name = "passes"
-
-    def __init__(self, log):
-        super().__init__()
-        self.log = log
-
-    @hookimpl
-    def diffsteer_model_inputs(self, call, step, inputs):
-        self.log.append((inputs.pass_name, list(inputs.layout.names), inputs.encoder_hidden_states.clone()))
-
 
 def test_sag_and_sega_in_one_call_keep_their_effects(tiny_pipe):
     """SEGA's concept rows ride in the main pass only; SAG degrades the uncond branch alone; each still acts."""
@@ -203,8 +191,9 @@ def test_sag_and_sega_in_one_call_keep_their_effects(tiny_pipe):
     concept = dict(prompt="red", guidance_scale=6, warmup_steps=1, threshold=0.8)
     kw = dict(prompt="a circle", num_inference_steps=4, seed=0, output_type="latent")
     log = []
-    both = tiny_pipe(plugins=[sega.Sega(concepts=[concept]), Sag(), Passes(log)], **kw)
-    assert [(name, names) for name, names, _ in log[:2]] == [("main", ["uncond", "cond", "sega:0"]), ("sag", ["uncond"])]
+    both = tiny_pipe(plugins=[sega.Sega(concepts=[concept]), Sag(), pass_recorder(log)], **kw)
+    assert [(p["pass_name"], p["layout"].names) for p in log[:2]] == [
+        ("main", ["uncond", "cond", "sega:0"]), ("sag", ["uncond"])]
     assert both.extras["sega"]["sem_guidance"].shape[0] == 4 and both.extras["sag"]["masks"].shape[0] == 4
     plain = tiny_pipe(**kw).images
     sega_only = tiny_pipe(plugins=[sega.Sega(concepts=[concept])], **kw).images
@@ -226,10 +215,10 @@ def test_degraded_pass_uses_the_weighted_long_negative_embeddings(tiny_pipe):
     negative = "a (yellow triangle)1.5"
     log = []
     kw = dict(num_inference_steps=3, seed=0, output_type="latent", negative_prompt=negative)
-    out = tiny_pipe(LONG, plugins=[weighting.PromptWeighting(), Sag(), Passes(log)], **kw).images
+    out = tiny_pipe(LONG, plugins=[weighting.PromptWeighting(), Sag(), pass_recorder(log)], **kw).images
     encoder = weighting.WeightedPromptEncoder(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
     expected = encoder.encode([negative], chunks=2)
-    sag_passes = [states for name, _, states in log if name == "sag"]
+    sag_passes = [p["hidden"] for p in log if p["pass_name"] == "sag"]
     assert len(sag_passes) == 3 and all(s.shape == (1, 154, 32) for s in sag_passes)
     assert all(torch.equal(s, expected) for s in sag_passes)
     assert torch.isfinite(out).all()
