@@ -136,3 +136,12 @@ def test_train_errors_name_the_plugin(tmp_path, monkeypatch, capsys):
              "class Flat(Plugin):\n    name = 'flat'\n", "flat = diffsteer_flat:Flat")
     assert main(["train", "flat"]) == 2
     assert "plugin 'flat': is installed but offers no train command 'flat'" in capsys.readouterr().err
+
+
+def test_generate_reports_a_missing_plugin_before_loading_the_model(tmp_path, capsys):
+    # The model path does not exist: reaching the loader would report that instead.
+    code = main(["generate", "a circle", "--model", str(tmp_path / "no-model"), "--plugin", "nonesuch", "-q",
+                 "-o", str(tmp_path / "x.png")])
+    assert code == 2
+    assert "'nonesuch' is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -72,6 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .pipeline import Pipeline
+    from .plugins import resolve_plugins
 
     if args.from_png:
         if args.prompt is not None:
@@ -101,6 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
         }
         plugin_specs = parse_settings(args.plugin, args.set)
+    # Plugins first: a missing plugin or a bad setting is reported before seconds of model loading.
+    plugins = resolve_plugins(plugin_specs)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[params.get("dtype", "fp32")]
     pipe = Pipeline.from_pretrained(params["model"], scheduler=params["scheduler"], torch_dtype=dtype)
 
@@ -125,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         eta=params.get("eta"),
         clip_skip=params.get("clip_skip"),
         num_images_per_prompt=params["num_images_per_prompt"],
-        plugins=plugin_specs,
+        plugins=plugins,
         progress=progress,
     )
     bar.close()
