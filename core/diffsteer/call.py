@@ -194,9 +194,8 @@ class GenerationCall:
         tokenizes the call's prompts. A token the tokenizer or the call already has, or
         vectors of the wrong size, raise :class:`~diffsteer.errors.PluginError` naming ``owner``.
         """
-        vocab = self.text.tokenizer.get_vocab()  # the shared tokenizer's own words (the view delegates)
-        for token, vectors in embeddings.items():
-            self.tokens.add(token, vectors, owner=owner, known=lambda s: s in vocab or f"{s}</w>" in vocab)
+        # The view delegates get_vocab to the shared tokenizer: its own words, not the added tokens.
+        self.tokens.add_all(embeddings, owner=owner, tokenizer=self.text.tokenizer)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Encode texts through the encode-prompt hook (or the core encoder), in the UNet's dtype."""

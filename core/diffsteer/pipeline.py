@@ -166,9 +166,7 @@ class Pipeline:
         :meth:`with_scheduler` share them). The models are not changed: ``save_pretrained`` does not
         write these tokens.
         """
-        vocab = self.tokenizer.get_vocab()
-        for token, vectors in dict(embeddings).items():
-            self.tokens.add(token, vectors, owner=owner, known=lambda s: s in vocab or f"{s}</w>" in vocab)
+        self.tokens.add_all(embeddings, owner=owner, tokenizer=self.tokenizer)
 
     @property
     def default_size(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer
@@ -169,6 +169,13 @@ class TokenTable:
             names = sorted(ids, key=len, reverse=True)
             pattern = re.compile("(" + "|".join(re.escape(n) for n in names) + ")", re.IGNORECASE)
             self._snap = (ids, torch.cat([self._vectors, vectors.to(self._vectors.dtype).cpu()]), pattern)
+
+    def add_all(self, embeddings: "Mapping[str, torch.Tensor]", *, owner: str, tokenizer: Any) -> None:
+        """:meth:`add` each ``{token: vectors}``, refusing spellings that ``tokenizer`` already has (as a word
+        or a word-final ``</w>`` piece)."""
+        vocab = tokenizer.get_vocab()
+        for token, vectors in dict(embeddings).items():
+            self.add(token, vectors, owner=owner, known=lambda s: s in vocab or f"{s}</w>" in vocab)
 
     def split(self, text: str) -> list[Union[str, list[int]]]:
         """``text`` as plain pieces and the id lists of the tokens between them (as an added-token tokenizer splits)."""
