@@ -23,6 +23,7 @@ from diffsteer.models import (  # noqa: E402
     randn_tensor,
     use_attention_processors,
 )
+from diffsteer.testing import residual_shapes  # noqa: E402
 
 ATOL = 1e-5
 
@@ -153,18 +154,6 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def skip_shapes(config: dict[str, Any], batch: int, size: tuple[int, int]) -> list[tuple[int, ...]]:
-    """Shapes of the UNet's skip connections, ``conv_in`` output first."""
-    channels, layers = config["block_out_channels"], config["layers_per_block"]
-    h, w = size
-    shapes = [(batch, channels[0], h, w)]
-    for i, c in enumerate(channels):
-        shapes += [(batch, c, h, w)] * layers
-        if i < len(channels) - 1:
-            h, w = (h + 1) // 2, (w + 1) // 2
-            shapes.append((batch, c, h, w))
-    return shapes
-
 
 # -- UNet parity ---------------------------------------------------------------------------------------
 
@@ -217,7 +206,7 @@ def test_unet_controlnet_residuals() -> None:
     reference, ours = unet_pair(SD1_TINY)
     sample, text = inputs(SD1_TINY)
     g = torch.Generator().manual_seed(5)
-    down = [torch.randn(s, generator=g) for s in skip_shapes(SD1_TINY, 2, (16, 16))]
+    down = [torch.randn(2, *shape, generator=g) for shape in residual_shapes(SD1_TINY, 16, 16)[0]]
     mid = torch.randn(2, 64, 8, 8, generator=g)
     expected = reference(
         sample, 321, text, down_block_additional_residuals=down, mid_block_additional_residual=mid

@@ -190,3 +190,29 @@ def pass_recorder(passes: list) -> Any:
             ))
 
     return PassRecorder()
+
+
+def residual_shapes(config: Any, height: int, width: int) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
+    """``(down, mid)``: the per-image ``(channels, h, w)`` of each UNet skip connection (``conv_in``'s first)
+    and of the mid block, for latents of ``height`` x ``width`` — what a ControlNet-style residual plugin
+    must add. ``config`` is a UNet config or its ``config.json`` mapping.
+
+    Example:
+        >>> down, mid = residual_shapes({"block_out_channels": [32, 64], "layers_per_block": 1,
+        ...     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        ...     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}, 8, 8)
+        >>> down, mid
+        ([(32, 8, 8), (32, 8, 8), (32, 4, 4), (64, 4, 4)], (64, 4, 4))
+    """
+    from diffsteer.models import UNetConfig
+
+    if not isinstance(config, UNetConfig):
+        config = UNetConfig.model_validate(dict(config))
+    channels = config.block_out_channels
+    shapes = [(channels[0], height, width)]
+    for i, c in enumerate(channels):
+        shapes += [(c, height, width)] * config.layers()[i]
+        if i < len(channels) - 1:
+            height, width = (height + 1) // 2, (width + 1) // 2
+            shapes.append((c, height, width))
+    return shapes, (channels[-1], height, width)

@@ -14,7 +14,7 @@ import torch
 from diffsteer import Plugin, PluginError, hookimpl
 from diffsteer.models import UNet2DConditionModel
 from diffsteer.pipeline import Pipeline
-from diffsteer.testing import diffusers_pipeline, max_abs_diff, pass_recorder
+from diffsteer.testing import diffusers_pipeline, max_abs_diff, pass_recorder, residual_shapes
 from diffsteer_sag import Sag
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
@@ -23,21 +23,11 @@ TOL = 1e-4
 STEPS = 6
 
 
-def skip_shapes(config, height, width):
-    """(channels, h, w) of each UNet skip connection (conv_in's first), where ControlNet residuals go."""
-    shapes = [(config.block_out_channels[0], height, width)]
-    for i, channels in enumerate(config.block_out_channels):
-        shapes += [(channels, height, width)] * config.layers()[i]
-        if i < len(config.block_out_channels) - 1:
-            height, width = (height + 1) // 2, (width + 1) // 2
-            shapes.append((channels, height, width))
-    return shapes, (config.block_out_channels[-1], height, width)
-
 
 def branch_residuals(config, batch, height, width, seed=0, strength=0.5):
     """Per-branch residuals: ``{"uncond": (down, mid), "cond": (down, mid)}``, each with ``batch`` rows."""
     g = torch.Generator().manual_seed(seed)
-    down_shapes, mid_shape = skip_shapes(config, height, width)
+    down_shapes, mid_shape = residual_shapes(config, height, width)
     out = {}
     for name in ("uncond", "cond"):
         down = [strength * torch.randn(batch, *s, generator=g) for s in down_shapes]
@@ -164,7 +154,7 @@ class TwoBranchHint(Plugin):
 
     @hookimpl
     def diffsteer_model_inputs(self, call, step, inputs):
-        (down_shapes, mid_shape) = skip_shapes(call.unet.config, *inputs.sample.shape[-2:])
+        (down_shapes, mid_shape) = residual_shapes(call.unet.config, *inputs.sample.shape[-2:])
         rows = 2 * call.batch_size
         inputs.add_residuals(self.name, [torch.zeros(rows, *s) for s in down_shapes], torch.zeros(rows, *mid_shape))
 

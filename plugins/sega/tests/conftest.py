@@ -13,6 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from diffsteer import Plugin, hookimpl
+from diffsteer.testing import residual_shapes
 
 # Small tests; one thread avoids oversubscribing a 2-core machine.
 torch.set_num_threads(1)
@@ -22,16 +23,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # -- partner plugins that stack with SEGA -------------------------------------------------------------------
 
-
-def skip_shapes(config, height, width):
-    """(channels, h, w) of each UNet skip connection, where ControlNet residuals go."""
-    shapes = [(config.block_out_channels[0], height, width)]
-    for i, channels in enumerate(config.block_out_channels):
-        shapes += [(channels, height, width)] * config.layers()[i]
-        if i < len(config.block_out_channels) - 1:
-            height, width = (height + 1) // 2, (width + 1) // 2
-            shapes.append((channels, height, width))
-    return shapes
 
 
 class Hint(Plugin):
@@ -53,7 +44,7 @@ class Hint(Plugin):
         state = call.state_for(self)
         if "per_image" not in state:
             g = torch.Generator().manual_seed(self.settings.seed)
-            shapes = skip_shapes(call.unet.config, *inputs.sample.shape[-2:])
+            shapes, _ = residual_shapes(call.unet.config, *inputs.sample.shape[-2:])
             state["per_image"] = [
                 self.settings.strength * torch.randn(call.batch_size, *s, generator=g) for s in shapes
             ]
