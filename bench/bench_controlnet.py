@@ -12,7 +12,6 @@ the two libraries alternate in one process, so drift in machine load hits both a
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import CACHE, build_model_folder, generate, load, timed  # noqa: E402
+from bench_core import CACHE, build_model_folder, generate, load, reference_pipeline, technique_parser, timed  # noqa: E402
 
 CONTROLNET = CACHE.with_name(CACHE.name + "-controlnet")
 
@@ -43,10 +42,7 @@ def build_controlnet_folder() -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = technique_parser(__doc__, steps=4, repeats=3)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -59,12 +55,8 @@ def main() -> None:
     from diffsteer_controlnet import ControlNet
 
     base = load("diffusers", torch.float32)
-    ref = StableDiffusionControlNetPipeline(
-        **{k: getattr(base, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
-        controlnet=ControlNetModel.from_pretrained(folder), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    ref.set_progress_bar_config(disable=True)
+    ref = reference_pipeline(StableDiffusionControlNetPipeline, base,
+                             controlnet=ControlNetModel.from_pretrained(folder))
     mine = load("diffsteer", torch.float32)
     image = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     plugin = ControlNet(model=str(folder), image=image)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -83,6 +82,23 @@ def load(lib: str, dtype: torch.dtype):
     from diffsteer.pipeline import Pipeline
 
     return Pipeline.from_pretrained(CACHE, scheduler="ddim", torch_dtype=dtype)
+
+
+def technique_parser(doc: str, *, steps: int, repeats: int) -> argparse.ArgumentParser:
+    """The options every per-technique bench takes (``--size``, ``--steps``, ``--repeats``); add more to it."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser
+
+
+def reference_pipeline(cls, base, **extra):
+    """A diffusers technique pipeline ``cls`` sharing the components of ``base`` (no safety checker)."""
+    ref = cls(**{k: getattr(base, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+              safety_checker=None, feature_extractor=None, requires_safety_checker=False, **extra)
+    ref.set_progress_bar_config(disable=True)
+    return ref
 
 
 def generate(pipe, size: int, steps: int, plugins=()):

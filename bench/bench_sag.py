@@ -14,7 +14,6 @@ i.e. a batch of 1 beside CFG's batch of 2. Output is decoded to images, as in th
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_core  # noqa: E402
-from bench_core import PROMPT, build_model_folder, timed  # noqa: E402
+from bench_core import PROMPT, build_model_folder, technique_parser, timed  # noqa: E402
 
 SAG_SCALE = 0.75
 LIBS = ["diffusers", "diffsteer"]
@@ -53,10 +52,7 @@ def generate(lib: str, pipes: dict, size: int, steps: int, sag: bool):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap = technique_parser(__doc__, steps=10, repeats=2)
     ap.add_argument("--dtypes", nargs="+", default=["float32"])
     ap.add_argument("--small", action="store_true", help="3 steps, median of 2: a quicker look (about 3 minutes)")
     args = ap.parse_args()

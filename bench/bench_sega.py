@@ -13,7 +13,6 @@ CFG. Runs of the two libraries alternate in one process. Prints a Markdown table
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -21,16 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import PROMPT, build_model_folder, load, timed  # noqa: E402
+from bench_core import PROMPT, build_model_folder, load, reference_pipeline, technique_parser, timed  # noqa: E402
 
 CONCEPTS = ["red", "blue square", "black background"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser = technique_parser(__doc__, steps=4, repeats=2)
     args = parser.parse_args()
 
     build_model_folder()
@@ -39,11 +35,7 @@ def main() -> None:
     from diffsteer_sega import Sega
 
     base = load("diffusers", torch.float32)
-    ref = SemanticStableDiffusionPipeline(
-        **{k: getattr(base, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    ref.set_progress_bar_config(disable=True)
+    ref = reference_pipeline(SemanticStableDiffusionPipeline, base)
     mine = load("diffsteer", torch.float32)
     common = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
                   output_type="np")

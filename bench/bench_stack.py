@@ -14,7 +14,6 @@ alternate within each repeat, so drift in machine load hits all alike. Prints a 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_controlnet import build_controlnet_folder  # noqa: E402
-from bench_core import build_model_folder, generate, load, timed  # noqa: E402
+from bench_core import build_model_folder, generate, load, technique_parser, timed  # noqa: E402
 
 
 def plugins(size: int) -> dict:
@@ -46,10 +45,7 @@ def plugins(size: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser = technique_parser(__doc__, steps=4, repeats=2)
     args = parser.parse_args()
 
     build_model_folder()

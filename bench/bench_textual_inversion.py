@@ -12,7 +12,6 @@ Reuses bench_core.py's model folder, loaders and timer.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -21,16 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_core import build_model_folder, load, timed  # noqa: E402
+from bench_core import build_model_folder, load, technique_parser, timed  # noqa: E402
 
 PROMPT = "a red <cat-toy> on a white background"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = technique_parser(__doc__, steps=10, repeats=3)
     parser.add_argument("--small", action="store_true", help="2 steps, 1 repeat")
     args = parser.parse_args()
     if args.small:
