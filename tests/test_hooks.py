@@ -28,9 +28,10 @@ from diffsteer.pipeline import Pipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd1) -> Pipeline:
-    return Pipeline.from_pretrained(tiny_sd1, scheduler="ddim")
+@pytest.fixture
+def pipe(tiny_pipe):
+    """The fixture kit's tiny SD1 pipeline (DDIM), loaded once per session."""
+    return tiny_pipe
 
 
 def run(pipe, plugins=(), **kw):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffsteer import Pipeline
 from diffsteer.testing import pass_recorder
 from diffsteer_controlnet import ControlNet, load_controlnet
 
@@ -16,9 +15,10 @@ STEPS = 4
 
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd1):
-    return Pipeline.from_pretrained(tiny_sd1, scheduler="ddim")
+@pytest.fixture
+def pipe(tiny_pipe):
+    """The fixture kit's tiny SD1 pipeline (DDIM), loaded once per session."""
+    return tiny_pipe
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffsteer import Pipeline, Plugin, PluginError, SettingsError, hookimpl
+from diffsteer import Plugin, PluginError, SettingsError, hookimpl
 from diffsteer.commands import plugin_train_commands
 from diffsteer_controlnet import ControlNet, ControlNetModel, load_controlnet
 
@@ -58,9 +58,10 @@ class Concept(Plugin):
         branches.add("concept", call.encode_per_image(["green"] * len(call.request.prompts)), owner=self.name)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd1):
-    return Pipeline.from_pretrained(tiny_sd1, scheduler="ddim")
+@pytest.fixture
+def pipe(tiny_pipe):
+    """The fixture kit's tiny SD1 pipeline (DDIM), loaded once per session."""
+    return tiny_pipe
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,10 @@ from diffsteer_sag import Sag, map_size
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd1) -> Pipeline:
-    return Pipeline.from_pretrained(tiny_sd1, scheduler="ddim")
+@pytest.fixture
+def pipe(tiny_pipe):
+    """The fixture kit's tiny SD1 pipeline (DDIM), loaded once per session."""
+    return tiny_pipe
 
 
 def run(pipe, plugins=(), **kw):

@@ -20,9 +20,10 @@ RED = dict(prompt="red", guidance_scale=6, warmup_steps=1, threshold=0.8)
 BLUE = dict(prompt="blue", reverse=True, guidance_scale=4, warmup_steps=1, threshold=0.7, weight=2.0)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd1) -> Pipeline:
-    return Pipeline.from_pretrained(tiny_sd1, scheduler="ddim")
+@pytest.fixture
+def pipe(tiny_pipe):
+    """The fixture kit's tiny SD1 pipeline (DDIM), loaded once per session."""
+    return tiny_pipe
 
 
 def run(pipe, plugins=(), **kw):
