@@ -177,6 +177,7 @@ def _shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder; an interrupted run resumes from it")
     parser.add_argument("--unet-steps", type=int, default=None)
     parser.add_argument("--vae-steps", type=int, default=None)
+    parser.add_argument("--refine-steps", type=int, default=None, help="stage 5 steps; 0 skips it")
     parser.add_argument("--n-images", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
 
@@ -188,7 +189,8 @@ def _train_shapes(args: argparse.Namespace) -> int:
     from .shapes.train import train_shapes
 
     overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps),
-                                   ("n_images", args.n_images), ("seed", args.seed)) if v is not None}
+                                   ("refine_steps", args.refine_steps), ("n_images", args.n_images),
+                                   ("seed", args.seed)) if v is not None}
     recipe = ShapesRecipe(**overrides)
     train_shapes(Path(args.out), recipe, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
     print(args.out)

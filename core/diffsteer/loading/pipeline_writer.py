@@ -59,6 +59,13 @@ def save_pipeline(
         save_model(unet, tmp / "unet")
         save_model(vae, tmp / "vae")
         text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # A fast tokenizer keeps the truncation/padding of its last call in its state and would write it
+            # into tokenizer.json, so the same tokenizer saved before and after use gave different files.
+            # Every call sets both again, so clearing them changes no encoding.
+            backend.no_truncation()
+            backend.no_padding()
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "scheduler").mkdir()
         write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)

@@ -1,4 +1,5 @@
-"""Train the shapes model from scratch: render data, train the VAE, encode latents, train text encoder + UNet.
+"""Train the shapes model from scratch: render data, train the VAE, encode latents, train text encoder + UNet,
+then refine the UNet on position- and pair-heavy captions.
 
 Every stage checkpoints atomically into ``OUT/work`` and is skipped once done, so an interrupted run
 resumes where it stopped (``diffsteer train shapes --out OUT`` again). The finished model is written to
@@ -28,7 +29,7 @@ from ..schedulers import make_scheduler
 from ..training import DiffusionTrainer, InMemoryData, TrainConfig
 from .recipe import ShapesRecipe
 from .vocab import build_tokenizer, load_tokenizer
-from .world import ShapesDataset
+from .world import CaptionStyle, ShapesDataset
 
 Log = Callable[[str], None]
 
@@ -88,23 +89,32 @@ class ThreadGovernor:
 # -- stage 1: data ---------------------------------------------------------------------------------------
 
 
-def render_dataset(work: Path, recipe: ShapesRecipe, log: Log) -> tuple[torch.Tensor, list[str]]:
-    """``n_images`` scenes as uint8 ``(N, 3, H, W)`` plus captions, cached in ``work/data``."""
-    images_file, captions_file = work / "data.safetensors", work / "captions.json"
+def render_dataset(
+    work: Path, recipe: ShapesRecipe, log: Log, *, name: str = "data", n_images: int | None = None,
+    seed: int | None = None, style: CaptionStyle = CaptionStyle(),
+) -> tuple[torch.Tensor, list[str]]:
+    """Scenes as uint8 ``(N, 3, H, W)`` plus captions, cached in ``work/{name}.safetensors``.
+
+    Defaults are stage 1's (``recipe.n_images`` scenes of ``recipe.seed``); stage 5 renders its own set.
+    """
+    n = recipe.n_images if n_images is None else n_images
+    seed = recipe.seed if seed is None else seed
+    images_file = work / f"{name}.safetensors"
+    captions_file = work / ("captions.json" if name == "data" else f"{name}-captions.json")
     if images_file.is_file() and captions_file.is_file():
         return load_state_dict(images_file)["images"], json.loads(captions_file.read_text())
     t0 = time.time()
-    ds = ShapesDataset(recipe.n_images, seed=recipe.seed, size=recipe.image_size)
-    images = torch.empty(recipe.n_images, 3, recipe.image_size, recipe.image_size, dtype=torch.uint8)
+    ds = ShapesDataset(n, seed=seed, size=recipe.image_size, style=style)
+    images = torch.empty(n, 3, recipe.image_size, recipe.image_size, dtype=torch.uint8)
     captions = []
-    for i in range(recipe.n_images):
+    for i in range(n):
         item = ds[i]
         images[i] = ((item["pixel_values"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         captions.append(item["caption"])
     save_state_dict({"images": images}, images_file)
     with atomic_file(captions_file) as tmp:
         tmp.write_text(json.dumps(captions))
-    log(f"data: rendered {recipe.n_images} scenes in {time.time() - t0:.0f}s")
+    log(f"{name}: rendered {n} scenes in {time.time() - t0:.0f}s")
     return images, captions
 
 
@@ -139,13 +149,14 @@ def train_vae(work: Path, recipe: ShapesRecipe, images: torch.Tensor, log: Log) 
         opt.load_state_dict(state["opt"])
         start = int(state["step"])
         log(f"vae: resuming at step {start}")
-    held_out = to_pixels(images[-256:])
+    n_held = min(256, len(images) // 4)  # the recipe's 256; a small test run keeps most images for training
+    held_out = to_pixels(images[-n_held:])
     t0 = time.time()
     governor = ThreadGovernor(log)
     for step in range(start, recipe.vae_steps):
         governor.tick()
         g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(images) - 256, (recipe.vae_batch_size,), generator=g)
+        idx = torch.randint(0, len(images) - n_held, (recipe.vae_batch_size,), generator=g)
         x = to_pixels(images[idx])
         # cosine decay to 10%: the last steps sharpen edges
         lr = recipe.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / recipe.vae_steps)))
@@ -181,9 +192,11 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
 
 
 @torch.no_grad()
-def encode_dataset(work: Path, vae: AutoencoderKL, images: torch.Tensor, log: Log) -> tuple[torch.Tensor, torch.Tensor, float]:
+def encode_dataset(
+    work: Path, vae: AutoencoderKL, images: torch.Tensor, log: Log, *, name: str = "latents"
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Posterior means and stds of every image, and the scaling factor giving latents unit variance."""
-    f = work / "latents.safetensors"
+    f = work / f"{name}.safetensors"
     if f.is_file():
         d = load_state_dict(f)
         return d["mean"], d["std"], float(d["scaling_factor"])
@@ -195,7 +208,7 @@ def encode_dataset(work: Path, vae: AutoencoderKL, images: torch.Tensor, log: Lo
     mean, std = torch.cat(means), torch.cat(stds)
     scaling = float(1.0 / mean.std())
     save_state_dict({"mean": mean, "std": std, "scaling_factor": torch.tensor(scaling)}, f)
-    log(f"latents: {tuple(mean.shape)}, scaling_factor {scaling:.4f}")
+    log(f"{name}: {tuple(mean.shape)}, scaling_factor {scaling:.4f}")
     return mean, std, scaling
 
 
@@ -207,9 +220,9 @@ class _Pacer(Plugin):
 
     name = "shapes-pacer"
 
-    def __init__(self, governor: ThreadGovernor, log: Log, total: int, every: int = 50) -> None:
+    def __init__(self, governor: ThreadGovernor, log: Log, total: int, every: int = 50, label: str = "unet") -> None:
         super().__init__()
-        self.governor, self.log, self.total, self.every = governor, log, total, every
+        self.governor, self.log, self.total, self.every, self.label = governor, log, total, every, label
         self.t0 = time.time()
 
     @hookimpl
@@ -218,34 +231,80 @@ class _Pacer(Plugin):
         step = trainer.step
         if step and step % self.every == 0 and trainer.losses:
             recent = trainer.losses[-self.every:]
-            self.log(f"unet step {step}/{self.total} loss {sum(recent) / len(recent):.4f} "
+            self.log(f"{self.label} step {step}/{self.total} loss {sum(recent) / len(recent):.4f} "
                      f"({time.time() - self.t0:.0f}s)")
+
+
+def _trainer(
+    work: Path, name: str, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: Any,
+    latents: torch.Tensor, captions: list[str], config: TrainConfig, log: Log,
+) -> DiffusionTrainer:
+    return DiffusionTrainer(
+        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+        # DDPM gives the forward process for any training timestep (add_noise, get_velocity).
+        scheduler=make_scheduler("ddpm", ShapesRecipe().scheduler_config()),
+        data=InMemoryData(latents, captions), config=config, out_dir=work / name,
+        plugins=[_Pacer(ThreadGovernor(log), log, config.steps, label=name)],
+    )
+
+
+def _keep_ema(trainer: DiffusionTrainer, *modules: torch.nn.Module) -> None:
+    """Leave ``modules`` holding the trainer's EMA weights (``ema_weights()`` alone restores them on exit)."""
+    with trainer.ema_weights():
+        states = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+    for module, state in zip(modules, states):
+        module.load_state_dict(state)
 
 
 def train_unet(
     work: Path, recipe: ShapesRecipe, latents: torch.Tensor, captions: list[str], tokenizer: Any, log: Log
-) -> tuple[UNet2DConditionModel, CLIPTextModel, DiffusionTrainer]:
-    """Text encoder and UNet trained jointly from scratch (v-prediction, zero terminal SNR)."""
+) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Stage 4: text encoder and UNet trained jointly from scratch (v-prediction, zero terminal SNR).
+
+    Returns the EMA weights, which are also kept as ``work/base-unet.safetensors`` and
+    ``work/base-text-encoder.safetensors``: with those present the stage is done.
+    """
     torch.manual_seed(recipe.seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**recipe.text_config(tokenizer)))
     unet = UNet2DConditionModel.from_config(recipe.unet_config(latents.shape[-1]))
+    unet_file, text_file = work / "base-unet.safetensors", work / "base-text-encoder.safetensors"
+    if unet_file.is_file() and text_file.is_file():
+        unet.load_state_dict(load_state_dict(unet_file))
+        text_encoder.load_state_dict(load_state_dict(text_file))
+        return unet, text_encoder
     config = TrainConfig(
         steps=recipe.unet_steps, batch_size=recipe.unet_batch_size, lr=recipe.unet_lr,
         warmup_steps=recipe.unet_warmup_steps, lr_schedule="cosine", ema_decay=recipe.unet_ema_decay,
         caption_dropout=recipe.caption_dropout, seed=recipe.seed, train_text_encoder=True,
         checkpoint_every=recipe.checkpoint_every, log_every=50, progress=False,
     )
-    trainer = DiffusionTrainer(
-        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-        # DDPM gives the forward process for any training timestep (add_noise, get_velocity).
-        scheduler=make_scheduler("ddpm", recipe.scheduler_config()),
-        data=InMemoryData(latents, captions), config=config, out_dir=work / "unet",
-        plugins=[_Pacer(ThreadGovernor(log), log, recipe.unet_steps)],
-    )
+    trainer = _trainer(work, "unet", unet, text_encoder, tokenizer, latents, captions, config, log)
     t0 = time.time()
     trainer.train(resume=True)
     log(f"unet: {recipe.unet_steps} steps done ({time.time() - t0:.0f}s this session)")
-    return unet, text_encoder, trainer
+    _keep_ema(trainer, unet, text_encoder)
+    save_state_dict(unet.state_dict(), unet_file)
+    save_state_dict(text_encoder.state_dict(), text_file)
+    return unet, text_encoder
+
+
+def refine_unet(
+    work: Path, recipe: ShapesRecipe, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+    latents: torch.Tensor, captions: list[str], tokenizer: Any, log: Log,
+) -> UNet2DConditionModel:
+    """Stage 5: fine-tune the stage-4 UNet (text encoder frozen) on ``latents``; returns its EMA weights."""
+    config = TrainConfig(
+        steps=recipe.refine_steps, batch_size=recipe.unet_batch_size, lr=recipe.refine_lr,
+        warmup_steps=recipe.refine_warmup_steps, lr_schedule="cosine", ema_decay=recipe.unet_ema_decay,
+        caption_dropout=recipe.caption_dropout, seed=recipe.seed + 1, train_text_encoder=False,
+        checkpoint_every=recipe.checkpoint_every, log_every=50, progress=False,
+    )
+    trainer = _trainer(work, "refine", unet, text_encoder, tokenizer, latents, captions, config, log)
+    t0 = time.time()
+    trainer.train(resume=True)
+    log(f"refine: {recipe.refine_steps} steps done ({time.time() - t0:.0f}s this session)")
+    _keep_ema(trainer, unet)
+    return unet
 
 
 def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = print) -> Path:
@@ -261,11 +320,18 @@ def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = pr
     vae = train_vae(work, recipe, images, log)
     mean, _, scaling = encode_dataset(work, vae, images, log)
     tokenizer = load_tokenizer(build_tokenizer(work / "tokenizer"))
-    unet, text_encoder, trainer = train_unet(work, recipe, mean * scaling, captions, tokenizer, log)
+    unet, text_encoder = train_unet(work, recipe, mean * scaling, captions, tokenizer, log)
+    if recipe.refine_steps:
+        style = CaptionStyle(p_two=recipe.refine_p_two, p_position=recipe.refine_p_position)
+        images, captions = render_dataset(work, recipe, log, name="refine-data", n_images=recipe.refine_n_images,
+                                          seed=recipe.seed + 1, style=style)
+        # Stage 3's scaling factor stays: the latent space the UNet learned must not be rescaled.
+        mean, _, _ = encode_dataset(work, vae, images, log, name="refine-latents")
+        unet = refine_unet(work, recipe, unet, text_encoder, mean * scaling, captions, tokenizer, log)
     shipped_vae = AutoencoderKL.from_config({**recipe.vae_config(), "scaling_factor": scaling})
     shipped_vae.load_state_dict(vae.state_dict())
-    with trainer.ema_weights():
-        save_pipeline(out / "model", unet=unet, vae=shipped_vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                      scheduler_config=recipe.scheduler_config())
-    log(f"model written to {out / 'model'}")
+    dtype = getattr(torch, recipe.ship_dtype)
+    save_pipeline(out / "model", unet=unet.to(dtype), vae=shipped_vae.to(dtype), text_encoder=text_encoder.to(dtype),
+                  tokenizer=tokenizer, scheduler_config=recipe.scheduler_config())
+    log(f"model written to {out / 'model'} ({recipe.ship_dtype})")
     return out / "model"
