@@ -93,6 +93,21 @@ def _is_transformer_proj(key: str) -> bool:
     return len(parts) >= 3 and parts[-2] in ("proj_in", "proj_out") and parts[-1] == "weight" and "attentions" in parts
 
 
+def fit_transformer_projections(state: dict[str, torch.Tensor], linear: bool) -> dict[str, torch.Tensor]:
+    """Reshape, in place, the spatial transformers' ``proj_in``/``proj_out`` weights (diffusers names) to the
+    model's layout: linear (``use_linear_projection``, SD 2.x) or 1x1 conv (SD 1.x), whichever a file holds.
+
+    Original-layout files of either family may store either form, so every single-file loader calls this.
+    """
+    for key, w in state.items():
+        if _is_transformer_proj(key):
+            if linear and w.ndim == 4:
+                state[key] = w[:, :, 0, 0]
+            elif not linear and w.ndim == 2:
+                state[key] = w[:, :, None, None]
+    return state
+
+
 def unet_to_diffusers(
     original: Mapping[str, torch.Tensor], config: Mapping[str, Any], *, source: str
 ) -> dict[str, torch.Tensor]:
@@ -102,14 +117,7 @@ def unet_to_diffusers(
     1x1 convs (SD 1.x, ``use_linear_projection=False``) or linear (SD 2.x), whichever the file holds.
     """
     out = unet_keymap(config).convert(original, "to_diffusers", source=source, in_prefix=UNET_PREFIX)
-    linear = bool(config.get("use_linear_projection", False))
-    for key, w in out.items():
-        if _is_transformer_proj(key):
-            if linear and w.ndim == 4:
-                out[key] = w[:, :, 0, 0]
-            elif not linear and w.ndim == 2:
-                out[key] = w[:, :, None, None]
-    return out
+    return fit_transformer_projections(out, bool(config.get("use_linear_projection", False)))
 
 
 def unet_to_original(

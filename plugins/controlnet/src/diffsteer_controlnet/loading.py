@@ -22,7 +22,7 @@ from diffsteer.atomic import atomic_directory
 from diffsteer.loading.errors import ModelLoadError, WeightsError
 from diffsteer.loading.pipeline_loader import build_model, load_model
 from diffsteer.loading.single_file_common import DIRECT, KeyMap, Rule, indices, strip_prefix
-from diffsteer.loading.single_file_unet import _is_transformer_proj, unet_keymap
+from diffsteer.loading.single_file_unet import fit_transformer_projections, unet_keymap
 from diffsteer.loading.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, load_state_dict, save_state_dict
 from diffsteer.models import UNetBackboneConfig
 
@@ -177,14 +177,7 @@ def original_to_diffusers(
     if not hint:
         raise WeightsError("no input_hint_block.* keys: not an original-layout ControlNet file", source=source)
     out = controlnet_keymap(unet_config, len(hint)).convert(body, "to_diffusers", source=source, in_prefix=prefix)
-    linear = unet_config.use_linear_projection
-    for key, w in out.items():
-        if _is_transformer_proj(key):  # 1x1 conv vs linear, whichever the file holds
-            if linear and w.ndim == 4:
-                out[key] = w[:, :, 0, 0]
-            elif not linear and w.ndim == 2:
-                out[key] = w[:, :, None, None]
-    return out
+    return fit_transformer_projections(out, bool(unet_config.use_linear_projection))
 
 
 def diffusers_to_original(model: ControlNetModel) -> dict[str, torch.Tensor]:
