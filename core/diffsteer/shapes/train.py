@@ -291,20 +291,20 @@ def train_unet(
 def refine_unet(
     work: Path, recipe: ShapesRecipe, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
     latents: torch.Tensor, captions: list[str], tokenizer: Any, log: Log,
-) -> UNet2DConditionModel:
-    """Stage 5: fine-tune the stage-4 UNet (text encoder frozen) on ``latents``; returns its EMA weights."""
+) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Stage 5: fine-tune the stage-4 UNet and text encoder on ``latents``; both end holding their EMA weights."""
     config = TrainConfig(
         steps=recipe.refine_steps, batch_size=recipe.unet_batch_size, lr=recipe.refine_lr,
         warmup_steps=recipe.refine_warmup_steps, lr_schedule="cosine", ema_decay=recipe.unet_ema_decay,
-        caption_dropout=recipe.caption_dropout, seed=recipe.seed + 1, train_text_encoder=False,
+        caption_dropout=recipe.caption_dropout, seed=recipe.seed + 1, train_text_encoder=True,
         checkpoint_every=recipe.checkpoint_every, log_every=50, progress=False,
     )
     trainer = _trainer(work, "refine", unet, text_encoder, tokenizer, latents, captions, config, log)
     t0 = time.time()
     trainer.train(resume=True)
     log(f"refine: {recipe.refine_steps} steps done ({time.time() - t0:.0f}s this session)")
-    _keep_ema(trainer, unet)
-    return unet
+    _keep_ema(trainer, unet, text_encoder)
+    return unet, text_encoder
 
 
 def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = print) -> Path:
@@ -327,7 +327,7 @@ def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = pr
                                           seed=recipe.seed + 1, style=style)
         # Stage 3's scaling factor stays: the latent space the UNet learned must not be rescaled.
         mean, _, _ = encode_dataset(work, vae, images, log, name="refine-latents")
-        unet = refine_unet(work, recipe, unet, text_encoder, mean * scaling, captions, tokenizer, log)
+        unet, text_encoder = refine_unet(work, recipe, unet, text_encoder, mean * scaling, captions, tokenizer, log)
     shipped_vae = AutoencoderKL.from_config({**recipe.vae_config(), "scaling_factor": scaling})
     shipped_vae.load_state_dict(vae.state_dict())
     dtype = getattr(torch, recipe.ship_dtype)
