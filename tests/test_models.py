@@ -292,6 +292,25 @@ def test_unet_runs_in_half_precision(dtype: torch.dtype) -> None:
     assert (out.float() - full).abs().max().item() < 0.1 * full.abs().max().item()
 
 
+@pytest.mark.parametrize("config", [SD1_TINY, SD2_TINY], ids=["sd1", "sd2"])
+@torch.no_grad()
+def test_unet_keeps_a_channels_last_layout_through_its_transformers(config: dict[str, Any]) -> None:
+    # A user who moves the UNet to channels_last (often faster for bf16 convs) must not get maps that the
+    # transformers hand back in NCHW, which would flip every later conv between layouts.
+    _, ours = unet_pair(config)
+    sample, text = inputs(config)
+    expected = ours(sample, 500, text)
+    seen: list[bool] = []
+    record = lambda _m, _i, out: seen.append(out.is_contiguous(memory_format=torch.channels_last))  # noqa: E731
+    hooks = [m.register_forward_hook(record) for m in ours.modules() if type(m).__name__ == "SpatialTransformer"]
+    ours.to(memory_format=torch.channels_last)
+    out = ours(sample.contiguous(memory_format=torch.channels_last), 500, text)
+    for h in hooks:
+        h.remove()
+    assert seen and all(seen)
+    assert max_diff(out, expected) <= ATOL
+
+
 def test_unet_config_round_trips_through_diffusers() -> None:
     config = UNetConfig.model_validate(SD2_TINY)
     data = config.to_diffusers_dict()

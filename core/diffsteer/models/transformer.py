@@ -129,9 +129,22 @@ class SpatialTransformer(nn.Module):
             tokens = rearrange(self.proj_in(hidden_states), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             tokens = block(tokens, encoder_hidden_states)
+        # The map goes back in the layout it came in (NCHW, or channels-last for a model moved to it): a
+        # sum in the other layout would switch every later conv to it.
+        layout = _layout(residual)
         if self.use_linear_projection:
-            out = rearrange(self.proj_out(tokens), "b (h w) c -> b c h w", h=height, w=width).contiguous()
+            out = self._to_map(self.proj_out(tokens), height, width, layout)
         else:
-            out = self.proj_out(rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width).contiguous())
-        # contiguous() keeps the feature maps in NCHW layout; a channels-last sum would change every later conv.
+            out = self.proj_out(self._to_map(tokens, height, width, layout))
         return out + residual
+
+    @staticmethod
+    def _to_map(tokens: torch.Tensor, height: int, width: int, layout: torch.memory_format) -> torch.Tensor:
+        return rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width).contiguous(memory_format=layout)
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-d map stored that way, else the default contiguous format."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
