@@ -1,5 +1,5 @@
 """Train the shapes model from scratch: render data, train the VAE, encode latents, train text encoder + UNet,
-then refine the UNet on position- and pair-heavy captions.
+and (when the recipe asks, ``refine_steps > 0``) fine-tune both on a second scene set with other captions.
 
 Every stage checkpoints atomically into ``OUT/work`` and is skipped once done, so an interrupted run
 resumes where it stopped (``diffsteer train shapes --out OUT`` again). The finished model is written to
@@ -236,13 +236,13 @@ class _Pacer(Plugin):
 
 
 def _trainer(
-    work: Path, name: str, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: Any,
+    work: Path, recipe: ShapesRecipe, name: str, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: Any,
     latents: torch.Tensor, captions: list[str], config: TrainConfig, log: Log,
 ) -> DiffusionTrainer:
     return DiffusionTrainer(
         unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
         # DDPM gives the forward process for any training timestep (add_noise, get_velocity).
-        scheduler=make_scheduler("ddpm", ShapesRecipe().scheduler_config()),
+        scheduler=make_scheduler("ddpm", recipe.scheduler_config()),
         data=InMemoryData(latents, captions), config=config, out_dir=work / name,
         plugins=[_Pacer(ThreadGovernor(log), log, config.steps, label=name)],
     )
@@ -278,7 +278,7 @@ def train_unet(
         caption_dropout=recipe.caption_dropout, seed=recipe.seed, train_text_encoder=True,
         checkpoint_every=recipe.checkpoint_every, log_every=50, progress=False,
     )
-    trainer = _trainer(work, "unet", unet, text_encoder, tokenizer, latents, captions, config, log)
+    trainer = _trainer(work, recipe, "unet", unet, text_encoder, tokenizer, latents, captions, config, log)
     t0 = time.time()
     trainer.train(resume=True)
     log(f"unet: {recipe.unet_steps} steps done ({time.time() - t0:.0f}s this session)")
@@ -288,7 +288,7 @@ def train_unet(
     return unet, text_encoder
 
 
-def refine_unet(
+def refine_models(
     work: Path, recipe: ShapesRecipe, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
     latents: torch.Tensor, captions: list[str], tokenizer: Any, log: Log,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
@@ -299,7 +299,7 @@ def refine_unet(
         caption_dropout=recipe.caption_dropout, seed=recipe.seed + 1, train_text_encoder=True,
         checkpoint_every=recipe.checkpoint_every, log_every=50, progress=False,
     )
-    trainer = _trainer(work, "refine", unet, text_encoder, tokenizer, latents, captions, config, log)
+    trainer = _trainer(work, recipe, "refine", unet, text_encoder, tokenizer, latents, captions, config, log)
     t0 = time.time()
     trainer.train(resume=True)
     log(f"refine: {recipe.refine_steps} steps done ({time.time() - t0:.0f}s this session)")
@@ -327,7 +327,7 @@ def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = pr
                                           seed=recipe.seed + 1, style=style)
         # Stage 3's scaling factor stays: the latent space the UNet learned must not be rescaled.
         mean, _, _ = encode_dataset(work, vae, images, log, name="refine-latents")
-        unet, text_encoder = refine_unet(work, recipe, unet, text_encoder, mean * scaling, captions, tokenizer, log)
+        unet, text_encoder = refine_models(work, recipe, unet, text_encoder, mean * scaling, captions, tokenizer, log)
     shipped_vae = AutoencoderKL.from_config({**recipe.vae_config(), "scaling_factor": scaling})
     shipped_vae.load_state_dict(vae.state_dict())
     dtype = getattr(torch, recipe.ship_dtype)
