@@ -235,25 +235,33 @@ class _Pacer(Plugin):
                      f"({time.time() - self.t0:.0f}s)")
 
 
-def _trainer(
-    work: Path, recipe: ShapesRecipe, name: str, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: Any,
-    latents: torch.Tensor, captions: list[str], config: TrainConfig, log: Log,
-) -> DiffusionTrainer:
-    return DiffusionTrainer(
+def _train_jointly(
+    work: Path, recipe: ShapesRecipe, name: str, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+    tokenizer: Any, latents: torch.Tensor, captions: list[str], log: Log, *, steps: int, lr: float,
+    warmup_steps: int, seed: int,
+) -> None:
+    """Train UNet and text encoder together on ``latents`` (resuming from ``work/name``), then leave both
+    holding their EMA weights. Stages 4 and 5 differ only in the arguments."""
+    config = TrainConfig(
+        steps=steps, batch_size=recipe.unet_batch_size, lr=lr, warmup_steps=warmup_steps, lr_schedule="cosine",
+        ema_decay=recipe.unet_ema_decay, caption_dropout=recipe.caption_dropout, seed=seed,
+        train_text_encoder=True, checkpoint_every=recipe.checkpoint_every, log_every=50, progress=False,
+    )
+    trainer = DiffusionTrainer(
         unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
         # DDPM gives the forward process for any training timestep (add_noise, get_velocity).
         scheduler=make_scheduler("ddpm", recipe.scheduler_config()),
         data=InMemoryData(latents, captions), config=config, out_dir=work / name,
-        plugins=[_Pacer(ThreadGovernor(log), log, config.steps, label=name)],
+        plugins=[_Pacer(ThreadGovernor(log), log, steps, label=name)],
     )
-
-
-def _keep_ema(trainer: DiffusionTrainer, *modules: torch.nn.Module) -> None:
-    """Leave ``modules`` holding the trainer's EMA weights (``ema_weights()`` alone restores them on exit)."""
+    t0 = time.time()
+    trainer.train(resume=True)
+    log(f"{name}: {steps} steps done ({time.time() - t0:.0f}s this session)")
+    # ema_weights() alone would restore the trained weights on exit.
     with trainer.ema_weights():
-        states = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
-    for module, state in zip(modules, states):
-        module.load_state_dict(state)
+        states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (unet, text_encoder)]
+    unet.load_state_dict(states[0])
+    text_encoder.load_state_dict(states[1])
 
 
 def train_unet(
@@ -272,17 +280,8 @@ def train_unet(
         unet.load_state_dict(load_state_dict(unet_file))
         text_encoder.load_state_dict(load_state_dict(text_file))
         return unet, text_encoder
-    config = TrainConfig(
-        steps=recipe.unet_steps, batch_size=recipe.unet_batch_size, lr=recipe.unet_lr,
-        warmup_steps=recipe.unet_warmup_steps, lr_schedule="cosine", ema_decay=recipe.unet_ema_decay,
-        caption_dropout=recipe.caption_dropout, seed=recipe.seed, train_text_encoder=True,
-        checkpoint_every=recipe.checkpoint_every, log_every=50, progress=False,
-    )
-    trainer = _trainer(work, recipe, "unet", unet, text_encoder, tokenizer, latents, captions, config, log)
-    t0 = time.time()
-    trainer.train(resume=True)
-    log(f"unet: {recipe.unet_steps} steps done ({time.time() - t0:.0f}s this session)")
-    _keep_ema(trainer, unet, text_encoder)
+    _train_jointly(work, recipe, "unet", unet, text_encoder, tokenizer, latents, captions, log,
+                   steps=recipe.unet_steps, lr=recipe.unet_lr, warmup_steps=recipe.unet_warmup_steps, seed=recipe.seed)
     save_state_dict(unet.state_dict(), unet_file)
     save_state_dict(text_encoder.state_dict(), text_file)
     return unet, text_encoder
@@ -293,17 +292,9 @@ def refine_models(
     latents: torch.Tensor, captions: list[str], tokenizer: Any, log: Log,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Stage 5: fine-tune the stage-4 UNet and text encoder on ``latents``; both end holding their EMA weights."""
-    config = TrainConfig(
-        steps=recipe.refine_steps, batch_size=recipe.unet_batch_size, lr=recipe.refine_lr,
-        warmup_steps=recipe.refine_warmup_steps, lr_schedule="cosine", ema_decay=recipe.unet_ema_decay,
-        caption_dropout=recipe.caption_dropout, seed=recipe.seed + 1, train_text_encoder=True,
-        checkpoint_every=recipe.checkpoint_every, log_every=50, progress=False,
-    )
-    trainer = _trainer(work, recipe, "refine", unet, text_encoder, tokenizer, latents, captions, config, log)
-    t0 = time.time()
-    trainer.train(resume=True)
-    log(f"refine: {recipe.refine_steps} steps done ({time.time() - t0:.0f}s this session)")
-    _keep_ema(trainer, unet, text_encoder)
+    _train_jointly(work, recipe, "refine", unet, text_encoder, tokenizer, latents, captions, log,
+                   steps=recipe.refine_steps, lr=recipe.refine_lr, warmup_steps=recipe.refine_warmup_steps,
+                   seed=recipe.seed + 1)
     return unet, text_encoder
 
 
