@@ -177,7 +177,8 @@ def _shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder; an interrupted run resumes from it")
     parser.add_argument("--unet-steps", type=int, default=None)
     parser.add_argument("--vae-steps", type=int, default=None)
-    parser.add_argument("--refine-steps", type=int, default=None, help="steps of the optional stage-5 fine-tune (default 0: off)")
+    parser.add_argument("--refine-steps", type=int, default=None,
+                        help="steps of the optional stage-5 fine-tune (default 0: off)")
     parser.add_argument("--n-images", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
 
