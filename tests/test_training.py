@@ -2,7 +2,8 @@
 
 Tiny random models (a ~0.8M-parameter UNet on 4x8x8 latents, a 2-layer CLIP text encoder) and a few
 steps each. The three technique-shaped plugins at the end (textual inversion, custom diffusion,
-DreamBooth) and a depth-channel plugin show that each technique fits the training hooks.
+DreamBooth) and a depth-channel plugin show that each technique fits the training hooks; the shapes
+recipe's position probe is tested last.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from diffsteer import Plugin, hookimpl
 from diffsteer.models import AutoencoderKL, UNet2DConditionModel
 from diffsteer.schedulers import make_scheduler
+from diffsteer.shapes.position_probe import PositionProbe, padding_mean, position_label
 from diffsteer.shapes.vocab import build_tokenizer, load_tokenizer
+from diffsteer.text import PromptEncoder
 from diffsteer.training import (
     DiffusionTrainer,
     InMemoryData,
@@ -559,3 +562,73 @@ def test_a_parameter_in_two_groups_is_refused(tok_dir, tmp_path):
                 return [ParamGroup("a", [w]), ParamGroup("b", [w])]
 
         make_trainer(tok_dir, tmp_path, plugins=[Twice()])
+
+# -- the shapes recipe's position probe (a training plugin of the core) --------------------------------------
+
+POSITIONED = ["a red circle on the left", "a red circle on the right", "a red circle at the top",
+              "a red circle at the bottom"]
+
+
+def test_labels_name_the_first_objects_position():
+    assert [position_label(c) for c in POSITIONED] == [0, 1, 2, 3]
+    assert position_label("a blue square on the right and a red circle on the left on a white background") == 1
+    assert position_label("a red circle and a blue square at the top") is None  # the first object has none
+    assert position_label("a red circle") is None
+    assert position_label("") is None
+
+
+def test_padding_mean_averages_the_states_from_the_first_end_token_on():
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    ids = torch.tensor([[9, 1, 2, 7, 7], [9, 1, 7, 7, 7]])
+    got = padding_mean(hidden, ids, eos_token_id=7)
+    assert torch.equal(got, torch.stack([hidden[0, 3:].mean(0), hidden[1, 2:].mean(0)]))
+
+
+class Seen(Plugin):
+    name = "seen"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captions: list[list[str]] = []
+
+    @hookimpl
+    def diffsteer_train_loss(self, trainer, batch, outputs):
+        self.captions.append(list(outputs.captions))
+
+
+def test_train_loss_sees_the_captions_after_dropout(tok_dir, tmp_path):
+    seen = Seen()
+    make_trainer(tok_dir, tmp_path, steps=3, caption_dropout=0.5, plugins=[seen]).train()
+    flat = [c for step in seen.captions for c in step]
+    assert "" in flat and any(flat), flat  # some rows dropped, some kept
+    assert set(flat) <= {"", "a red circle", "a blue square", "a green triangle", "a yellow circle"}
+
+
+def _left_right_gap(trainer) -> float:
+    """Relative distance of the padding-mean states of "... on the left" and "... on the right"."""
+    enc = PromptEncoder(trainer.tokenizer, trainer.text_encoder)
+    ids = enc.token_ids(POSITIONED[:2])
+    with torch.no_grad():
+        pooled = padding_mean(trainer.text_encoder(ids)[0], ids, trainer.tokenizer.eos_token_id)
+    return float((pooled[0] - pooled[1]).norm() / pooled[0].norm())
+
+
+def test_the_probe_makes_the_text_encoder_separate_position_words(tok_dir, tmp_path):
+    data = InMemoryData(torch.zeros(8, 4, 8, 8), POSITIONED * 2)  # the images carry nothing: only the probe acts
+    kw = dict(data=data, steps=40, batch_size=8, lr=3e-3, train_text_encoder=True)
+    plain = make_trainer(tok_dir, tmp_path / "plain", **kw)
+    plain.train()
+    probe = PositionProbe(hidden_size=32, weight=1.0)
+    probed = make_trainer(tok_dir, tmp_path / "probe", plugins=[probe], **kw)
+    result = probed.train()
+    gap_plain, gap_probe = _left_right_gap(plain), _left_right_gap(probed)
+    print(f"left/right padding-state gap: {gap_plain:.3f} without the probe, {gap_probe:.3f} with it")
+    assert gap_probe > 3 * gap_plain
+    assert result.losses[-1] < result.losses[0]
+    assert {n for n in probed.trainable if n.startswith("position_probe.")} == {"position_probe.0",
+                                                                                "position_probe.1"}
+
+
+def test_a_non_positive_weight_is_refused():
+    with pytest.raises(ValueError, match="shapes-position-probe: weight must be > 0"):
+        PositionProbe(hidden_size=32, weight=0.0)

@@ -178,7 +178,7 @@ def _shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unet-steps", type=int, default=None)
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--refine-steps", type=int, default=None,
-                        help="steps of the optional stage-5 fine-tune (default 0: off)")
+                        help="steps of the stage-5 fine-tune (default: the recipe's 2000; 0 skips the stage)")
     parser.add_argument("--n-images", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
 

@@ -316,7 +316,8 @@ def diffsteer_train_loss(
 
     When: every micro-step, after the UNet forward and the core loss, before backward.
     Receives: ``outputs``: ``prediction``, ``target``, ``row_loss`` (``(rows,)`` unweighted MSE per row),
-    ``loss`` (the core loss), ``timesteps``, ``noise``, ``noisy_latents``, ``encoder_hidden_states``.
+    ``loss`` (the core loss), ``timesteps``, ``noise``, ``noisy_latents``, ``encoder_hidden_states`` and
+    ``captions`` (what those states encode: ``""`` where caption dropout hit).
     May change: nothing.
     Returns: a scalar tensor added to the loss (terms of all plugins are summed), or ``None``. Like the
     core loss it is a per-process mean: gradients are averaged over processes and micro-steps.

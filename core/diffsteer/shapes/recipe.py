@@ -38,18 +38,18 @@ class ShapesRecipe(BaseModel):
     caption_dropout: float = Field(0.1, ge=0, le=1)
     checkpoint_every: int = Field(250, ge=1)
 
-    # -- stage 5 (off in the shipped recipe): fine-tune UNet and text encoder on other captions -------------
-    # Tried against position-blindness (50 %, chance, after stage 4) with 70 % positioned and 50 % two-object
-    # captions, lr 2e-4: after 2,000 steps the model was as blind as before (the loss with "left" and "right"
-    # swapped equal to the unswapped one at every timestep) and two-object / strict-shape figures did not rise,
-    # so the shipped model stops at stage 4 (docs/shapes-model.md has the figures). The stage stays for runs
-    # that change the data: ``refine_steps > 0`` turns it on.
+    # -- stage 5: fine-tune UNet and text encoder on a second scene set, richer in position words --------------
+    # Stage 4 leaves the model blind to position words (50 %, chance). More positioned captions alone did not
+    # help (2,000 steps, still 50 %); an auxiliary probe that must read the position from the text encoder's
+    # padding states does (shapes/position_probe.py explains why). docs/shapes-model.md has the figures.
     refine_n_images: int = Field(24000, ge=64)
-    refine_steps: int = Field(0, ge=0)
+    refine_steps: int = Field(2000, ge=0)
     refine_lr: float = Field(2e-4, gt=0)
     refine_warmup_steps: int = Field(100, ge=0)
     refine_p_position: float = Field(0.7, ge=0, le=1)
     refine_p_two: float = Field(0.5, ge=0, le=1)
+    #: Weight of the position probe's cross-entropy in stage 5; 0 turns the probe off.
+    refine_position_weight: float = Field(0.5, ge=0)
 
     #: Weights are written in this dtype (fp16 halves the package data; loading casts to the pipeline's dtype).
     ship_dtype: Literal["float32", "float16"] = "float16"

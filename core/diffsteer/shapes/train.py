@@ -13,7 +13,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -27,6 +27,7 @@ from ..models.vae import AutoencoderKL
 from ..plugins import Plugin
 from ..schedulers import make_scheduler
 from ..training import DiffusionTrainer, InMemoryData, TrainConfig
+from .position_probe import PositionProbe
 from .recipe import ShapesRecipe
 from .vocab import build_tokenizer, load_tokenizer
 from .world import CaptionStyle, ShapesDataset
@@ -238,7 +239,7 @@ class _Pacer(Plugin):
 def _train_jointly(
     work: Path, recipe: ShapesRecipe, name: str, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
     tokenizer: Any, latents: torch.Tensor, captions: list[str], log: Log, *, steps: int, lr: float,
-    warmup_steps: int, seed: int,
+    warmup_steps: int, seed: int, extra_plugins: Sequence[Plugin] = (),
 ) -> None:
     """Train UNet and text encoder together on ``latents`` (resuming from ``work/name``), then leave both
     holding their EMA weights. Stages 4 and 5 differ only in the arguments."""
@@ -252,7 +253,7 @@ def _train_jointly(
         # DDPM gives the forward process for any training timestep (add_noise, get_velocity).
         scheduler=make_scheduler("ddpm", recipe.scheduler_config()),
         data=InMemoryData(latents, captions), config=config, out_dir=work / name,
-        plugins=[_Pacer(ThreadGovernor(log), log, steps, label=name)],
+        plugins=[_Pacer(ThreadGovernor(log), log, steps, label=name), *extra_plugins],
     )
     t0 = time.time()
     trainer.train(resume=True)
@@ -291,10 +292,13 @@ def refine_models(
     work: Path, recipe: ShapesRecipe, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
     latents: torch.Tensor, captions: list[str], tokenizer: Any, log: Log,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Stage 5: fine-tune the stage-4 UNet and text encoder on ``latents``; both end holding their EMA weights."""
+    """Stage 5: fine-tune the stage-4 UNet and text encoder on ``latents`` (with the position probe when
+    ``recipe.refine_position_weight > 0``); both end holding their EMA weights."""
+    probe = ([PositionProbe(recipe.text_hidden_size, recipe.refine_position_weight, seed=recipe.seed + 1)]
+             if recipe.refine_position_weight > 0 else [])
     _train_jointly(work, recipe, "refine", unet, text_encoder, tokenizer, latents, captions, log,
                    steps=recipe.refine_steps, lr=recipe.refine_lr, warmup_steps=recipe.refine_warmup_steps,
-                   seed=recipe.seed + 1)
+                   seed=recipe.seed + 1, extra_plugins=probe)
     return unet, text_encoder
 
 

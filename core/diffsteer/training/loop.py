@@ -361,7 +361,8 @@ class DiffusionTrainer:
         core = (weight * row_loss).sum() / data_rows
         outputs = TrainOutputs(
             prediction=prediction, target=target, row_loss=row_loss, loss=core, timesteps=timesteps,
-            noise=noise, noisy_latents=noisy, encoder_hidden_states=hidden, data_rows=data_rows,
+            noise=noise, noisy_latents=noisy, encoder_hidden_states=hidden, captions=captions,
+            data_rows=data_rows,
         )
         total = core
         for extra in self.hook.diffsteer_train_loss(trainer=self, batch=batch, outputs=outputs):

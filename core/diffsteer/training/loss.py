@@ -47,5 +47,7 @@ class TrainOutputs:
     noise: torch.Tensor
     noisy_latents: torch.Tensor
     encoder_hidden_states: torch.Tensor
+    #: The captions ``encoder_hidden_states`` encode: the batch's, with ``""`` where caption dropout hit.
+    captions: list[str]
     #: Rows this process read from the data (before plugins appended any).
     data_rows: int
