@@ -41,8 +41,9 @@ def test_captions_are_followed(shapes_pipe):
     print("\n" + score.table())
     assert score.colour >= 0.95
     assert score.shape >= 0.85
-    assert score.two_object >= 0.7  # the card measures 83% on 72 prompts; 24 here vary by about ±8 points
+    assert score.two_object >= 0.7  # the card measures 88.9% on 72 prompts; 24 here vary by about ±8 points
     assert score.background >= 0.97
+    assert score.position >= 0.8  # the card: 97.9% on 96 prompts (50%, chance, before the position fine-tune)
 
 
 def test_bf16_stays_close_to_fp32(shapes_pipe):
@@ -55,5 +56,9 @@ def test_bf16_stays_close_to_fp32(shapes_pipe):
     psnr = 10 * np.log10(1.0 / float(((a - b) ** 2).mean()))
     print(f"shapes model bf16 vs fp32 PSNR: {psnr:.1f} dB")
     assert psnr > 25
-    for img, prompt in zip(b, prompts):
-        assert evaluate_caption((img * 255).round().astype(np.uint8), prompt)["colour"]
+    # bf16 must read the same as fp32 under the evaluators (whether fp32 itself follows a caption is
+    # test_captions_are_followed's question; on this seed the two-object prompt leaks one colour in both).
+    as_u8 = lambda img: (img * 255).round().astype(np.uint8)  # noqa: E731
+    for x, y, prompt in zip(a, b, prompts):
+        assert evaluate_caption(as_u8(y), prompt) == evaluate_caption(as_u8(x), prompt)
+    assert evaluate_caption(as_u8(b[0]), prompts[0])["colour"]

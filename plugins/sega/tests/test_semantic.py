@@ -58,10 +58,11 @@ def test_plus_red_raises_and_minus_red_lowers_the_red_fraction(shapes_pipe, plai
 def test_red_concept_keeps_its_effect_beside_a_residual_plugin(shapes_pipe, plain, partners):
     """A ControlNet stand-in adds residuals to every row, SEGA's concept rows included.
 
-    At strength 1 the residuals alone change the colour of about a third of the images; SEGA's
-    "+red" still turns nearly all of them red.
+    At strength 0.7 the residuals alone change the colour of about a third of the images (7 of 24, mean
+    |Δ| 0.035 per pixel); SEGA's "+red" still turns nearly all of them red. (Strength 1 was used before
+    the shapes model's position fine-tune; on today's model it doubles the pixel change, to 0.069.)
     """
-    hint = partners.Hint(strength=1.0, seed=1)
+    hint = partners.Hint(strength=0.7, seed=1)
     hinted = Run(shapes_pipe, [hint])
     both = Run(shapes_pipe, [hint, Sega(concepts=[RED])])
     change = float(np.abs(hinted.pixels() - plain.pixels()).mean())
