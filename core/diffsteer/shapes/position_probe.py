@@ -64,6 +64,7 @@ class PositionProbe(Plugin):
 
     @hookimpl
     def diffsteer_train_parameters(self, trainer: "DiffusionTrainer") -> list[ParamGroup]:
+        self.head.to(trainer.device)  # once, before the optimizer holds its parameters
         return [
             ParamGroup("unet", list(trainer.unet.parameters())),
             ParamGroup("text_encoder", list(trainer.text_encoder.parameters())),
@@ -82,5 +83,5 @@ class PositionProbe(Plugin):
         pooled = padding_mean(hidden, ids.to(hidden.device), trainer.tokenizer.eos_token_id)
         target = torch.tensor([labels[i] for i in rows], device=hidden.device)
         # A per-process mean over this micro-batch's rows, like the core loss (rows without a word count as 0).
-        ce = F.cross_entropy(self.head.to(hidden.device)(pooled), target, reduction="sum")
+        ce = F.cross_entropy(self.head(pooled), target, reduction="sum")
         return self.weight * ce / len(labels)

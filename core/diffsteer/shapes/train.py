@@ -1,5 +1,6 @@
 """Train the shapes model from scratch: render data, train the VAE, encode latents, train text encoder + UNet,
-and (when the recipe asks, ``refine_steps > 0``) fine-tune both on a second scene set with other captions.
+then fine-tune both on a second scene set richer in position words, with the position probe
+(``refine_steps=0`` skips that stage).
 
 Every stage checkpoints atomically into ``OUT/work`` and is skipped once done, so an interrupted run
 resumes where it stopped (``diffsteer train shapes --out OUT`` again). The finished model is written to
