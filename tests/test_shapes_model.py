@@ -14,7 +14,8 @@ import torch
 from diffsteer.loading.pipeline_loader import shipped_model_dir
 from diffsteer.pipeline import Pipeline
 from diffsteer.shapes import evaluate_caption
-from diffsteer.shapes.benchmark import EVAL_SEED_BASE, score_model
+from diffsteer.shapes.benchmark import EVAL_SEED_BASE, eval_prompts, score_model
+from diffsteer.shapes.vocab import BACKGROUNDS, COLOURS
 
 
 def test_shapes_model_is_shipped_and_small():
@@ -34,6 +35,16 @@ def test_a_local_folder_named_shapes_takes_precedence(tmp_path, monkeypatch, tin
     shutil.copytree(tiny_sd1, tmp_path / "shapes")
     monkeypatch.chdir(tmp_path)
     assert Pipeline.from_pretrained("shapes").unet.config.block_out_channels[0] == 32
+
+
+def test_eval_pairs_cover_every_colour_and_both_backgrounds():
+    for n in (24, 72):
+        pairs = eval_prompts(n_single=0, n_double=n, n_position=0)
+        assert len(pairs) == len(set(pairs)) == n
+        for bg in BACKGROUNDS:  # the first version's stride skipped every black-background pair
+            assert sum(p.endswith(f"on a {bg} background") for p in pairs) == n // 2
+        for c in COLOURS:
+            assert any(f"a {c} " in p for p in pairs)
 
 
 def test_captions_are_followed(shapes_pipe):

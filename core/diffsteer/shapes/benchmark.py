@@ -22,14 +22,19 @@ def eval_prompts(n_single: int = 144, n_double: int = 72, n_position: int = 96) 
     singles = [
         f"a {c} {s} on a {b} background" for c, s, b in itertools.product(COLOURS, SHAPES, BACKGROUNDS)
     ]
-    pairs = [
-        f"a {c1} {s1} and a {c2} {s2} on a {b} background"
+    combos = [
+        (c1, s1, c2, s2)
         for (c1, s1), (c2, s2) in itertools.permutations(itertools.product(COLOURS, SHAPES), 2)
         if c1 != c2 and s1 != s2
-        for b in BACKGROUNDS
     ]
-    # A fixed stride through the pairs keeps every colour and shape represented without randomness.
-    stride = max(1, len(pairs) // max(n_double, 1))
+    # An even spread through the ordered pairs keeps every colour and shape represented without randomness;
+    # the background alternates so that both backgrounds get half the pairs.
+    pairs = [
+        "a {} {} and a {} {} on a {} background".format(
+            *combos[i * len(combos) // max(n_double, 1) % len(combos)], BACKGROUNDS[i % len(BACKGROUNDS)]
+        )
+        for i in range(n_double)
+    ]
     placed = [
         f"a {c} {s} {POSITION_PHRASE[p]} on a {b} background"
         for p, c, s, b in itertools.product(POSITIONS, COLOURS, SHAPES, BACKGROUNDS)
@@ -39,7 +44,7 @@ def eval_prompts(n_single: int = 144, n_double: int = 72, n_position: int = 96) 
               for i in range(len(placed))]
     return (
         [singles[i % len(singles)] for i in range(n_single)]
-        + pairs[::stride][:n_double]
+        + pairs
         + [placed[i % len(placed)] for i in range(n_position)]
     )
 
