@@ -17,6 +17,7 @@ TINY = dict(
     text_hidden_size=32, text_layers=1, text_heads=2, unet_block_out_channels=(32, 32, 32),
     unet_attention_heads=2, unet_steps=3, unet_batch_size=4, unet_warmup_steps=0, checkpoint_every=2,
     refine_n_images=64, refine_steps=3, refine_warmup_steps=0,
+    bind_n_images=64, bind_steps=3, bind_warmup_steps=0,
 )
 
 
@@ -29,16 +30,25 @@ def test_every_stage_runs_and_a_rerun_resumes_to_the_same_model(tmp_path):
     model = train_shapes(tmp_path / "run", ShapesRecipe(**TINY), log=log.append)
     work = tmp_path / "run" / "work"
     for name in ("data.safetensors", "vae.safetensors", "latents.safetensors", "base-unet.safetensors",
-                 "refine-data.safetensors", "refine-data-captions.json", "refine-latents.safetensors"):
+                 "refine-data.safetensors", "refine-data-captions.json", "refine-latents.safetensors",
+                 "stage5-model/model_index.json", "bind-data.safetensors", "bind-latents.safetensors"):
         assert (work / name).is_file(), name
-    # Stage 5 draws its own scenes, with more positions and pairs than stage 1.
+    # Stages 5 and 6 draw their own scenes, with more positions and pairs than stage 1.
     refine_captions = json.loads((work / "refine-data-captions.json").read_text())
+    bind_captions = json.loads((work / "bind-data-captions.json").read_text())
     assert refine_captions != json.loads((work / "captions.json").read_text())[: len(refine_captions)]
+    assert bind_captions != refine_captions[: len(bind_captions)]
+    # Stage 6 ships the packaged stage-5 VAE and tokenizer unchanged, and changes the UNet.
+    stage5 = _files(work / "stage5-model")
+    final = _files(model)
+    assert {k: v for k, v in final.items() if k.startswith(("vae/", "tokenizer/"))} == {
+        k: v for k, v in stage5.items() if k.startswith(("vae/", "tokenizer/"))}
+    assert final["unet/diffusion_pytorch_model.safetensors"] != stage5["unet/diffusion_pytorch_model.safetensors"]
 
     shipped = load_state_dict(model / "unet" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in shipped.values()} == {torch.float16}
     base = load_state_dict(work / "base-unet.safetensors")
-    assert any(not torch.equal(shipped[k], base[k].half()) for k in base), "stage 5 changed nothing"
+    assert any(not torch.equal(shipped[k], base[k].half()) for k in base), "stages 5-6 changed nothing"
 
     pipe = Pipeline.from_pretrained(model)
     assert pipe.unet.dtype == torch.float32
@@ -51,6 +61,12 @@ def test_every_stage_runs_and_a_rerun_resumes_to_the_same_model(tmp_path):
     # Every stage was found done: nothing re-rendered, re-trained or re-encoded.
     assert not [line for line in log if "rendered" in line or "vae step" in line or "scaling_factor" in line], log
     assert _files(model) == before
+
+
+def test_without_stage_6_stage_5_is_the_model(tmp_path):
+    model = train_shapes(tmp_path, ShapesRecipe(**{**TINY, "bind_steps": 0}), log=lambda _: None)
+    assert (model / "model_index.json").is_file() and not (tmp_path / "work" / "stage5-model").exists()
+    assert not (tmp_path / "work" / "bind-data.safetensors").exists()
 
 
 def test_a_run_folder_refuses_another_recipe(tmp_path, capsys):

@@ -3,13 +3,14 @@
 Tiny random models (a ~0.8M-parameter UNet on 4x8x8 latents, a 2-layer CLIP text encoder) and a few
 steps each. The three technique-shaped plugins at the end (textual inversion, custom diffusion,
 DreamBooth) and a depth-channel plugin show that each technique fits the training hooks; the shapes
-recipe's position probe is tested last.
+recipe's caption probe is tested last.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from diffsteer import Plugin, hookimpl
 from diffsteer.models import AutoencoderKL, UNet2DConditionModel
 from diffsteer.schedulers import make_scheduler
-from diffsteer.shapes.position_probe import PositionProbe, padding_mean, position_label
-from diffsteer.shapes.vocab import build_tokenizer, load_tokenizer
+from diffsteer.shapes.caption_probe import CaptionProbe, caption_label, padding_mean, position_label
+from diffsteer.shapes.vocab import COLOURS, SHAPES, build_tokenizer, load_tokenizer
 from diffsteer.text import PromptEncoder
 from diffsteer.training import (
     DiffusionTrainer,
@@ -563,7 +564,7 @@ def test_a_parameter_in_two_groups_is_refused(tok_dir, tmp_path):
 
         make_trainer(tok_dir, tmp_path, plugins=[Twice()])
 
-# -- the shapes recipe's position probe (a training plugin of the core) --------------------------------------
+# -- the shapes recipe's caption probe (a training plugin of the core) ---------------------------------------
 
 POSITIONED = ["a red circle on the left", "a red circle on the right", "a red circle at the top",
               "a red circle at the bottom"]
@@ -575,6 +576,15 @@ def test_labels_name_the_first_objects_position():
     assert position_label("a red circle and a blue square at the top") is None  # the first object has none
     assert position_label("a red circle") is None
     assert position_label("") is None
+
+
+def test_labels_name_each_objects_colour_and_shape():
+    two = "a red circle on the left and a blue square on the right on a black background"
+    assert caption_label(two, "colour1") == COLOURS.index("red")
+    assert caption_label(two, "colour2") == COLOURS.index("blue")
+    assert caption_label(two, "shape2") == SHAPES.index("square")
+    assert caption_label("a red circle", "colour2") is None  # no second object
+    assert caption_label("a circle and a square", "colour2") is None  # a second object without a colour
 
 
 def test_padding_mean_averages_the_states_from_the_first_end_token_on():
@@ -604,31 +614,46 @@ def test_train_loss_sees_the_captions_after_dropout(tok_dir, tmp_path):
     assert set(flat) <= {"", "a red circle", "a blue square", "a green triangle", "a yellow circle"}
 
 
-def _left_right_gap(trainer) -> float:
-    """Relative distance of the padding-mean states of "... on the left" and "... on the right"."""
+def _gap(trainer, captions: list[str]) -> float:
+    """Relative distance of the padding-mean states of two captions."""
     enc = PromptEncoder(trainer.tokenizer, trainer.text_encoder)
-    ids = enc.token_ids(POSITIONED[:2])
+    ids = enc.token_ids(captions)
     with torch.no_grad():
         pooled = padding_mean(trainer.text_encoder(ids)[0], ids, trainer.tokenizer.eos_token_id)
     return float((pooled[0] - pooled[1]).norm() / pooled[0].norm())
 
 
-def test_the_probe_makes_the_text_encoder_separate_position_words(tok_dir, tmp_path):
-    data = InMemoryData(torch.zeros(8, 4, 8, 8), POSITIONED * 2)  # the images carry nothing: only the probe acts
+def _probe_gap(tok_dir, tmp_path, captions: list[str], attributes: tuple[str, ...]) -> tuple[float, float, Any]:
+    """Train 40 steps with and without the probe on images that carry nothing; the pair gap of each."""
+    data = InMemoryData(torch.zeros(8, 4, 8, 8), captions * (8 // len(captions)))
     kw = dict(data=data, steps=40, batch_size=8, lr=3e-3, train_text_encoder=True)
     plain = make_trainer(tok_dir, tmp_path / "plain", **kw)
     plain.train()
-    probe = PositionProbe(hidden_size=32, weight=1.0)
-    probed = make_trainer(tok_dir, tmp_path / "probe", plugins=[probe], **kw)
+    probed = make_trainer(tok_dir, tmp_path / "probe", plugins=[CaptionProbe(32, 1.0, attributes)], **kw)
     result = probed.train()
-    gap_plain, gap_probe = _left_right_gap(plain), _left_right_gap(probed)
+    assert result.losses[-1] < result.losses[0]
+    return _gap(plain, captions[:2]), _gap(probed, captions[:2]), probed
+
+
+def test_the_probe_makes_the_text_encoder_separate_position_words(tok_dir, tmp_path):
+    gap_plain, gap_probe, probed = _probe_gap(tok_dir, tmp_path, POSITIONED, ("position",))
     print(f"left/right padding-state gap: {gap_plain:.3f} without the probe, {gap_probe:.3f} with it")
     assert gap_probe > 3 * gap_plain
-    assert result.losses[-1] < result.losses[0]
-    assert {n for n in probed.trainable if n.startswith("position_probe.")} == {"position_probe.0",
-                                                                                "position_probe.1"}
+    assert {n for n in probed.trainable if n.startswith("caption_probe.")} == {"caption_probe.0", "caption_probe.1"}
 
 
-def test_a_non_positive_weight_is_refused():
-    with pytest.raises(ValueError, match="shapes-position-probe: weight must be > 0"):
-        PositionProbe(hidden_size=32, weight=0.0)
+def test_the_probe_makes_the_text_encoder_separate_second_colours(tok_dir, tmp_path):
+    pairs = ["a red circle and a blue square", "a red circle and a green square",
+             "a red circle and a yellow square", "a green circle and a red square"]
+    gap_plain, gap_probe, _ = _probe_gap(tok_dir, tmp_path, pairs, ("colour1", "colour2"))
+    print(f"blue/green second-object padding-state gap: {gap_plain:.3f} without the probe, {gap_probe:.3f} with it")
+    assert gap_probe > 3 * gap_plain
+    # one block of logits per attribute: 4 colours + 3 shapes
+    assert [p.shape for p in CaptionProbe(32, 1.0, ("colour1", "shape2")).head.parameters()] == [(7, 32), (7,)]
+
+
+def test_a_bad_probe_setting_is_refused():
+    with pytest.raises(ValueError, match="shapes-caption-probe: weight must be > 0"):
+        CaptionProbe(hidden_size=32, weight=0.0)
+    with pytest.raises(ValueError, match="shapes-caption-probe: attributes must be some of"):
+        CaptionProbe(hidden_size=32, weight=1.0, attributes=("colour3",))

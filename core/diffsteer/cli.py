@@ -179,6 +179,8 @@ def _shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--refine-steps", type=int, default=None,
                         help="steps of the stage-5 fine-tune (default: the recipe's 2000; 0 skips the stage)")
+    parser.add_argument("--bind-steps", type=int, default=None,
+                        help="steps of the stage-6 two-object fine-tune (default: the recipe's 1200; 0 skips the stage)")
     parser.add_argument("--n-images", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
 
@@ -190,7 +192,8 @@ def _train_shapes(args: argparse.Namespace) -> int:
     from .shapes.train import train_shapes
 
     overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps),
-                                   ("refine_steps", args.refine_steps), ("n_images", args.n_images),
+                                   ("refine_steps", args.refine_steps), ("bind_steps", args.bind_steps),
+                                   ("n_images", args.n_images),
                                    ("seed", args.seed)) if v is not None}
     recipe = ShapesRecipe(**overrides)
     train_shapes(Path(args.out), recipe, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))

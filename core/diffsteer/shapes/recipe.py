@@ -41,7 +41,7 @@ class ShapesRecipe(BaseModel):
     # -- stage 5: fine-tune UNet and text encoder on a second scene set, richer in position words --------------
     # Stage 4 leaves the model blind to position words (50 %, chance). More positioned captions alone did not
     # help (2,000 steps: 52 % on 48 images); an auxiliary probe that must read the position from the text encoder's
-    # padding states does (shapes/position_probe.py explains why). docs/shapes-model.md has the figures.
+    # padding states does (shapes/caption_probe.py explains why). docs/shapes-model.md has the figures.
     refine_n_images: int = Field(24000, ge=64)
     refine_steps: int = Field(2000, ge=0)
     refine_lr: float = Field(2e-4, gt=0)
@@ -50,6 +50,19 @@ class ShapesRecipe(BaseModel):
     refine_p_two: float = Field(0.5, ge=0, le=1)
     #: Weight of the position probe's cross-entropy in stage 5; 0 turns the probe off.
     refine_position_weight: float = Field(0.5, ge=0)
+
+    # -- stage 6: fine-tune the packaged stage-5 model on a third scene set, rich in two-object scenes -----------
+    # Stage 5 leaves two-object prompts drawing the first colour twice, mostly on black backgrounds (76 % both
+    # colours present on 72 prompts). The caption probe, reading both objects' colours and shapes and the
+    # position from the padding states, is the stage-5 fix applied to the second object.
+    bind_n_images: int = Field(24000, ge=64)
+    bind_steps: int = Field(1200, ge=0)
+    bind_lr: float = Field(2e-4, gt=0)
+    bind_warmup_steps: int = Field(50, ge=0)
+    bind_p_position: float = Field(0.5, ge=0, le=1)
+    bind_p_two: float = Field(0.7, ge=0, le=1)
+    #: Weight of the caption probe's summed cross-entropies in stage 6; 0 turns the probe off.
+    bind_probe_weight: float = Field(0.5, ge=0)
 
     #: Weights are written in this dtype (fp16 halves the package data; loading casts to the pipeline's dtype).
     ship_dtype: Literal["float32", "float16"] = "float16"

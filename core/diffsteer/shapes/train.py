@@ -1,6 +1,7 @@
 """Train the shapes model from scratch: render data, train the VAE, encode latents, train text encoder + UNet,
-then fine-tune both on a second scene set richer in position words, with the position probe
-(``refine_steps=0`` skips that stage).
+fine-tune both on a second scene set richer in position words with the caption probe on position
+(stage 5, ``refine_steps=0`` skips it), then fine-tune the packaged stage-5 model on a third set rich in
+two-object scenes with the probe on both objects (stage 6, ``bind_steps=0`` skips it).
 
 Every stage checkpoints atomically into ``OUT/work`` and is skipped once done, so an interrupted run
 resumes where it stopped (``diffsteer train shapes --out OUT`` again). The finished model is written to
@@ -28,7 +29,8 @@ from ..models.vae import AutoencoderKL
 from ..plugins import Plugin
 from ..schedulers import make_scheduler
 from ..training import DiffusionTrainer, InMemoryData, TrainConfig
-from .position_probe import PositionProbe
+from ..loading.pipeline_loader import PipelineParts, load_pipeline_parts
+from .caption_probe import CaptionProbe
 from .recipe import ShapesRecipe
 from .vocab import build_tokenizer, load_tokenizer
 from .world import CaptionStyle, ShapesDataset
@@ -295,7 +297,7 @@ def refine_models(
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Stage 5: fine-tune the stage-4 UNet and text encoder on ``latents`` (with the position probe when
     ``recipe.refine_position_weight > 0``); both end holding their EMA weights."""
-    probe = ([PositionProbe(recipe.text_hidden_size, recipe.refine_position_weight, seed=recipe.seed + 1)]
+    probe = ([CaptionProbe(recipe.text_hidden_size, recipe.refine_position_weight, ("position",), seed=recipe.seed + 1)]
              if recipe.refine_position_weight > 0 else [])
     _train_jointly(work, recipe, "refine", unet, text_encoder, tokenizer, latents, captions, log,
                    steps=recipe.refine_steps, lr=recipe.refine_lr, warmup_steps=recipe.refine_warmup_steps,
@@ -303,15 +305,34 @@ def refine_models(
     return unet, text_encoder
 
 
-def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = print) -> Path:
-    """Run (or resume) every stage and write the finished pipeline folder to ``out``."""
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    recipe_file = work / "recipe.json"
-    if recipe_file.is_file() and json.loads(recipe_file.read_text()) != recipe.model_dump(mode="json"):
-        raise ValueError(f"{recipe_file}: this folder holds a run of another recipe; use a new --out")
-    recipe_file.write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
-    log(f"recipe: {recipe.model_dump(mode='json')}")
+#: Stage 6 reads both objects' attributes and the position from the padding states.
+BIND_PROBE_ATTRIBUTES = ("position", "colour1", "shape1", "colour2", "shape2")
+
+
+def bind_models(work: Path, recipe: ShapesRecipe, stage5: Path, log: Log) -> PipelineParts:
+    """Stage 6: fine-tune the packaged stage-5 model (``stage5``, in the ship dtype, loaded as float32) on a third
+    scene set rich in two-object scenes, with the caption probe on :data:`BIND_PROBE_ATTRIBUTES`. Returns the
+    stage-5 parts with the fine-tuned UNet and text encoder (EMA weights) in place.
+
+    It starts from the packaged weights, not stage 5's float32 ones, so that a model folder in the shipped
+    layout is all it needs: its VAE encodes the new scenes and is shipped unchanged.
+    """
+    parts = load_pipeline_parts(stage5, torch_dtype=torch.float32)
+    unet, text_encoder, vae = parts.unet.train(), parts.text_encoder.train(), parts.vae
+    style = CaptionStyle(p_two=recipe.bind_p_two, p_position=recipe.bind_p_position)
+    images, captions = render_dataset(work, recipe, log, name="bind-data", n_images=recipe.bind_n_images,
+                                      seed=recipe.seed + 2, style=style)
+    mean, _, _ = encode_dataset(work, vae, images, log, name="bind-latents")
+    probe = ([CaptionProbe(recipe.text_hidden_size, recipe.bind_probe_weight, BIND_PROBE_ATTRIBUTES,
+                           seed=recipe.seed + 2)] if recipe.bind_probe_weight > 0 else [])
+    _train_jointly(work, recipe, "bind", unet, text_encoder, parts.tokenizer, mean * vae.config.scaling_factor,
+                   captions, log, steps=recipe.bind_steps, lr=recipe.bind_lr, warmup_steps=recipe.bind_warmup_steps,
+                   seed=recipe.seed + 2, extra_plugins=probe)
+    return parts
+
+
+def train_stage5(work: Path, recipe: ShapesRecipe, target: Path, log: Log) -> Path:
+    """Stages 1-5, written as a pipeline folder (in the ship dtype) to ``target``."""
     images, captions = render_dataset(work, recipe, log)
     vae = train_vae(work, recipe, images, log)
     mean, _, scaling = encode_dataset(work, vae, images, log)
@@ -327,7 +348,36 @@ def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = pr
     shipped_vae = AutoencoderKL.from_config({**recipe.vae_config(), "scaling_factor": scaling})
     shipped_vae.load_state_dict(vae.state_dict())
     dtype = getattr(torch, recipe.ship_dtype)
-    save_pipeline(out / "model", unet=unet.to(dtype), vae=shipped_vae.to(dtype), text_encoder=text_encoder.to(dtype),
+    save_pipeline(target, unet=unet.to(dtype), vae=shipped_vae.to(dtype), text_encoder=text_encoder.to(dtype),
                   tokenizer=tokenizer, scheduler_config=recipe.scheduler_config())
+    return target
+
+
+def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = print) -> Path:
+    """Run (or resume) every stage and write the finished pipeline folder to ``out / "model"``.
+
+    With stage 6 on, stages 1-5 end in ``out/work/stage5-model``; once that folder exists they are not re-run.
+    """
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    recipe_file = work / "recipe.json"
+    if recipe_file.is_file() and json.loads(recipe_file.read_text()) != recipe.model_dump(mode="json"):
+        raise ValueError(f"{recipe_file}: this folder holds a run of another recipe; use a new --out")
+    recipe_file.write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
+    log(f"recipe: {recipe.model_dump(mode='json')}")
+    if not recipe.bind_steps:
+        model = train_stage5(work, recipe, out / "model", log)
+        log(f"model written to {model} ({recipe.ship_dtype})")
+        return model
+    stage5 = work / "stage5-model"
+    if not (stage5 / "model_index.json").is_file():
+        train_stage5(work, recipe, stage5, log)
+        log(f"stage-5 model written to {stage5} ({recipe.ship_dtype})")
+    parts = bind_models(work, recipe, stage5, log)
+    dtype = getattr(torch, recipe.ship_dtype)
+    # The VAE goes back to the dtype it was packaged in, bit for bit.
+    save_pipeline(out / "model", unet=parts.unet.to(dtype), vae=parts.vae.to(dtype),
+                  text_encoder=parts.text_encoder.to(dtype), tokenizer=parts.tokenizer,
+                  scheduler_config=recipe.scheduler_config())
     log(f"model written to {out / 'model'} ({recipe.ship_dtype})")
     return out / "model"
