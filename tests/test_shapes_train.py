@@ -75,3 +75,11 @@ def test_a_run_folder_refuses_another_recipe(tmp_path, capsys):
     assert main(["train", "shapes", "--out", str(tmp_path), "--refine-steps", "0"]) != 0
     err = capsys.readouterr().err
     assert "recipe.json" in err and "another recipe" in err
+
+
+def test_the_recipe_refuses_an_unknown_probe_attribute():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="(?s)bind_probe_attributes.*must be some of"):
+        ShapesRecipe(bind_probe_attributes=("colour3",))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ShapesRecipe(BaseModel):
@@ -63,9 +63,21 @@ class ShapesRecipe(BaseModel):
     bind_p_two: float = Field(0.7, ge=0, le=1)
     #: Weight of the caption probe's summed cross-entropies in stage 6; 0 turns the probe off.
     bind_probe_weight: float = Field(0.5, ge=0)
+    #: What the stage-6 probe reads (keys of ``caption_probe.ATTRIBUTES``).
+    bind_probe_attributes: Tuple[str, ...] = ("position", "colour1", "shape1", "colour2", "shape2")
 
     #: Weights are written in this dtype (fp16 halves the package data; loading casts to the pipeline's dtype).
     ship_dtype: Literal["float32", "float16"] = "float16"
+
+    @field_validator("bind_probe_attributes")
+    @classmethod
+    def _known_attributes(cls, value: Tuple[str, ...]) -> Tuple[str, ...]:
+        from .caption_probe import ATTRIBUTES
+
+        unknown = [a for a in value if a not in ATTRIBUTES]
+        if unknown or not value:
+            raise ValueError(f"must be some of {sorted(ATTRIBUTES)}, got {list(value)}")
+        return value
 
     def scheduler_config(self) -> dict[str, Any]:
         """Zero terminal SNR, v-prediction, trailing timesteps (see docs/shapes-model.md for why)."""

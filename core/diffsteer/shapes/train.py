@@ -305,13 +305,9 @@ def refine_models(
     return unet, text_encoder
 
 
-#: Stage 6 reads both objects' attributes and the position from the padding states.
-BIND_PROBE_ATTRIBUTES = ("position", "colour1", "shape1", "colour2", "shape2")
-
-
 def bind_models(work: Path, recipe: ShapesRecipe, stage5: Path, log: Log) -> PipelineParts:
     """Stage 6: fine-tune the packaged stage-5 model (``stage5``, in the ship dtype, loaded as float32) on a third
-    scene set rich in two-object scenes, with the caption probe on :data:`BIND_PROBE_ATTRIBUTES`. Returns the
+    scene set rich in two-object scenes, with the caption probe on ``recipe.bind_probe_attributes``. Returns the
     stage-5 parts with the fine-tuned UNet and text encoder (EMA weights) in place.
 
     It starts from the packaged weights, not stage 5's float32 ones, so that a model folder in the shipped
@@ -323,7 +319,7 @@ def bind_models(work: Path, recipe: ShapesRecipe, stage5: Path, log: Log) -> Pip
     images, captions = render_dataset(work, recipe, log, name="bind-data", n_images=recipe.bind_n_images,
                                       seed=recipe.seed + 2, style=style)
     mean, _, _ = encode_dataset(work, vae, images, log, name="bind-latents")
-    probe = ([CaptionProbe(recipe.text_hidden_size, recipe.bind_probe_weight, BIND_PROBE_ATTRIBUTES,
+    probe = ([CaptionProbe(recipe.text_hidden_size, recipe.bind_probe_weight, recipe.bind_probe_attributes,
                            seed=recipe.seed + 2)] if recipe.bind_probe_weight > 0 else [])
     _train_jointly(work, recipe, "bind", unet, text_encoder, parts.tokenizer, mean * vae.config.scaling_factor,
                    captions, log, steps=recipe.bind_steps, lr=recipe.bind_lr, warmup_steps=recipe.bind_warmup_steps,
