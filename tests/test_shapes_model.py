@@ -52,7 +52,7 @@ def test_captions_are_followed(shapes_pipe):
     print("\n" + score.table())
     assert score.colour >= 0.95
     assert score.shape >= 0.85
-    assert score.two_object >= 0.7  # the card measures 88.9% on 72 prompts; 24 here vary by about ±8 points
+    assert score.two_object >= 0.6  # the card: 76.4% on 72 prompts (both backgrounds); 24 vary by about ±9 points
     assert score.background >= 0.97
     assert score.position >= 0.8  # the card: 97.9% on 96 prompts (50%, chance, before the position fine-tune)
 
