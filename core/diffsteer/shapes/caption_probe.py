@@ -40,6 +40,13 @@ ATTRIBUTES: dict[str, tuple[tuple[str, ...], int, str]] = {
 }
 
 
+def attribute_problem(attributes: Sequence[str]) -> Optional[str]:
+    """Why ``attributes`` cannot be probed (empty, or names outside :data:`ATTRIBUTES`), or None when they can."""
+    if attributes and all(a in ATTRIBUTES for a in attributes):
+        return None
+    return f"attributes must be some of {sorted(ATTRIBUTES)}, got {list(attributes)}"
+
+
 def caption_label(caption: str, attribute: str) -> Optional[int]:
     """Class index of ``attribute`` (a key of :data:`ATTRIBUTES`) in ``caption``, or None when it names none."""
     classes, index, field = ATTRIBUTES[attribute]
@@ -79,9 +86,9 @@ class CaptionProbe(Plugin):
         super().__init__()
         if weight <= 0:
             raise ValueError(f"{self.name}: weight must be > 0, got {weight}")
-        unknown = [a for a in attributes if a not in ATTRIBUTES]
-        if unknown or not attributes:
-            raise ValueError(f"{self.name}: attributes must be some of {sorted(ATTRIBUTES)}, got {list(attributes)}")
+        problem = attribute_problem(attributes)
+        if problem:
+            raise ValueError(f"{self.name}: {problem}")
         self.weight = float(weight)
         self.attributes = tuple(attributes)
         self.sizes = [len(ATTRIBUTES[a][0]) for a in self.attributes]

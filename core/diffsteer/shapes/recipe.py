@@ -73,11 +73,11 @@ class ShapesRecipe(BaseModel):
     @field_validator("bind_probe_attributes")
     @classmethod
     def _known_attributes(cls, value: Tuple[str, ...]) -> Tuple[str, ...]:
-        from .caption_probe import ATTRIBUTES
+        from .caption_probe import attribute_problem
 
-        unknown = [a for a in value if a not in ATTRIBUTES]
-        if unknown or not value:
-            raise ValueError(f"must be some of {sorted(ATTRIBUTES)}, got {list(value)}")
+        problem = attribute_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     def scheduler_config(self) -> dict[str, Any]:

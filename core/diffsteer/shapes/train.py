@@ -1,7 +1,7 @@
 """Train the shapes model from scratch: render data, train the VAE, encode latents, train text encoder + UNet,
 fine-tune both on a second scene set richer in position words with the caption probe on position
 (stage 5, ``refine_steps=0`` skips it), then fine-tune the packaged stage-5 model on a third set rich in
-two-object scenes with the probe on both objects (stage 6, ``bind_steps=0`` skips it).
+two-object scenes with the probe on both objects (stage 6, off by default: ``bind_steps=0``).
 
 Every stage checkpoints atomically into ``OUT/work`` and is skipped once done, so an interrupted run
 resumes where it stopped (``diffsteer train shapes --out OUT`` again). The finished model is written to
@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..atomic import atomic_file
 from ..hookspecs import hookimpl
+from ..loading.pipeline_loader import PipelineParts, load_pipeline_parts
 from ..loading.pipeline_writer import save_pipeline
 from ..loading.weights import load_state_dict, save_state_dict
 from ..models.unet import UNet2DConditionModel
@@ -29,7 +30,6 @@ from ..models.vae import AutoencoderKL
 from ..plugins import Plugin
 from ..schedulers import make_scheduler
 from ..training import DiffusionTrainer, InMemoryData, TrainConfig
-from ..loading.pipeline_loader import PipelineParts, load_pipeline_parts
 from .caption_probe import CaptionProbe
 from .recipe import ShapesRecipe
 from .vocab import build_tokenizer, load_tokenizer
@@ -327,6 +327,14 @@ def bind_models(work: Path, recipe: ShapesRecipe, stage5: Path, log: Log) -> Pip
     return parts
 
 
+def _ship(target: Path, recipe: ShapesRecipe, *, unet: torch.nn.Module, vae: torch.nn.Module,
+          text_encoder: CLIPTextModel, tokenizer: Any) -> Path:
+    """Write the pipeline folder with every model in ``recipe.ship_dtype``."""
+    dtype = getattr(torch, recipe.ship_dtype)
+    return save_pipeline(target, unet=unet.to(dtype), vae=vae.to(dtype), text_encoder=text_encoder.to(dtype),
+                         tokenizer=tokenizer, scheduler_config=recipe.scheduler_config())
+
+
 def train_stage5(work: Path, recipe: ShapesRecipe, target: Path, log: Log) -> Path:
     """Stages 1-5, written as a pipeline folder (in the ship dtype) to ``target``."""
     images, captions = render_dataset(work, recipe, log)
@@ -343,10 +351,7 @@ def train_stage5(work: Path, recipe: ShapesRecipe, target: Path, log: Log) -> Pa
         unet, text_encoder = refine_models(work, recipe, unet, text_encoder, mean * scaling, captions, tokenizer, log)
     shipped_vae = AutoencoderKL.from_config({**recipe.vae_config(), "scaling_factor": scaling})
     shipped_vae.load_state_dict(vae.state_dict())
-    dtype = getattr(torch, recipe.ship_dtype)
-    save_pipeline(target, unet=unet.to(dtype), vae=shipped_vae.to(dtype), text_encoder=text_encoder.to(dtype),
-                  tokenizer=tokenizer, scheduler_config=recipe.scheduler_config())
-    return target
+    return _ship(target, recipe, unet=unet, vae=shipped_vae, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
 def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = print) -> Path:
@@ -370,10 +375,8 @@ def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = pr
         train_stage5(work, recipe, stage5, log)
         log(f"stage-5 model written to {stage5} ({recipe.ship_dtype})")
     parts = bind_models(work, recipe, stage5, log)
-    dtype = getattr(torch, recipe.ship_dtype)
     # The VAE goes back to the dtype it was packaged in, bit for bit.
-    save_pipeline(out / "model", unet=parts.unet.to(dtype), vae=parts.vae.to(dtype),
-                  text_encoder=parts.text_encoder.to(dtype), tokenizer=parts.tokenizer,
-                  scheduler_config=recipe.scheduler_config())
-    log(f"model written to {out / 'model'} ({recipe.ship_dtype})")
-    return out / "model"
+    model = _ship(out / "model", recipe, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
+                  tokenizer=parts.tokenizer)
+    log(f"model written to {model} ({recipe.ship_dtype})")
+    return model
