@@ -25,7 +25,9 @@ from diffsteer import Plugin, hookimpl
 from diffsteer.models import AutoencoderKL, UNet2DConditionModel
 from diffsteer.schedulers import make_scheduler
 from diffsteer.shapes.caption_probe import CaptionProbe, caption_label, padding_mean, position_label
+from diffsteer.shapes.object_loss import MASK_KEY, ObjectWeightedLoss, object_masks
 from diffsteer.shapes.vocab import COLOURS, SHAPES, build_tokenizer, load_tokenizer
+from diffsteer.shapes.world import CaptionStyle, ShapesDataset
 from diffsteer.text import PromptEncoder
 from diffsteer.training import (
     DiffusionTrainer,
@@ -657,3 +659,60 @@ def test_a_bad_probe_setting_is_refused():
         CaptionProbe(hidden_size=32, weight=0.0)
     with pytest.raises(ValueError, match="shapes-caption-probe: attributes must be some of"):
         CaptionProbe(hidden_size=32, weight=1.0, attributes=("colour3",))
+
+
+# -- the shapes recipe's object-weighted loss ----------------------------------------------------------------
+
+
+def test_object_masks_cover_every_object_and_no_background():
+    ds = ShapesDataset(48, seed=11, style=CaptionStyle(p_two=0.5))
+    images = torch.stack([((ds[i]["pixel_values"] + 1) * 127.5).round().to(torch.uint8) for i in range(48)])
+    masks = object_masks(images, 16)
+    assert masks.shape == (48, 1, 16, 16) and set(masks.unique().tolist()) == {0.0, 1.0}
+    for i in range(48):
+        for obj in ds.scene(i).objects:
+            assert masks[i, 0, int(obj.cy * 16), int(obj.cx * 16)] == 1, (i, obj)
+    assert masks[:, :, 0, 0].sum() == 0  # the scenes keep a margin
+    covered = masks.mean().item()
+    print(f"object cells: {100 * covered:.1f} % of the 16x16 latent")
+    assert 0.05 < covered < 0.5
+    assert object_masks(torch.full((2, 3, 64, 64), 255, dtype=torch.uint8), 16).sum() == 0
+    with pytest.raises(ValueError, match="object_masks: images must be"):
+        object_masks(images[:, :1], 16)
+    with pytest.raises(ValueError, match="not a multiple of latent size 24"):
+        object_masks(images, 24)
+
+
+class CoreLoss(Plugin):
+    name = "core-loss-recorder"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+
+    @hookimpl
+    def diffsteer_train_loss(self, trainer, batch, outputs):
+        self.seen.append((float(outputs.loss.detach()), outputs.prediction.detach().clone(), outputs.target.detach().clone()))
+
+
+def test_object_weighted_loss_adds_the_masked_error(tok_dir, tmp_path):
+    base = toy_data()
+    mask = torch.zeros(len(base), 1, 8, 8)
+    mask[:, :, 2:5, 1:6] = 1
+    data = InMemoryData(base.latents, base.captions, **{MASK_KEY: mask})
+    recorder = CoreLoss()
+    result = make_trainer(tok_dir, tmp_path, data=data, steps=2, plugins=[ObjectWeightedLoss(3.0), recorder]).train()
+    for total, (core, prediction, target) in zip(result.losses, recorder.seen):
+        extra = 3.0 * (mask[: len(prediction)] * (prediction - target) ** 2).mean()
+        assert total == pytest.approx(core + float(extra), rel=1e-5)
+        assert 0 < float(extra) < 3.0 * core  # the mask covers part of the latent
+
+
+def test_object_weighted_loss_refuses_bad_input(tok_dir, tmp_path):
+    with pytest.raises(ValueError, match="shapes-object-loss: weight must be > 0"):
+        ObjectWeightedLoss(0.0)
+    with pytest.raises(ValueError, match="shapes-object-loss: the batch has no 'object_mask'"):
+        make_trainer(tok_dir, tmp_path / "none", steps=1, plugins=[ObjectWeightedLoss(1.0)]).train()
+    wrong = InMemoryData(toy_data().latents, toy_data().captions, **{MASK_KEY: torch.ones(16, 1, 4, 4)})
+    with pytest.raises(ValueError, match=r"shapes-object-loss: 'object_mask' is \(4, 1, 4, 4\)"):
+        make_trainer(tok_dir, tmp_path / "wrong", data=wrong, steps=1, plugins=[ObjectWeightedLoss(1.0)]).train()

@@ -66,6 +66,8 @@ class ShapesRecipe(BaseModel):
     bind_probe_weight: float = Field(0.5, ge=0)
     #: What the stage-6 probe reads (keys of ``caption_probe.ATTRIBUTES``).
     bind_probe_attributes: Tuple[str, ...] = ("position", "colour1", "shape1", "colour2", "shape2")
+    #: Extra loss weight on the latent cells objects cover in stage 6 (shapes/object_loss.py); 0 turns it off.
+    bind_object_weight: float = Field(0.0, ge=0)
 
     #: Weights are written in this dtype (fp16 halves the package data; loading casts to the pipeline's dtype).
     ship_dtype: Literal["float32", "float16"] = "float16"

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -31,6 +31,7 @@ from ..plugins import Plugin
 from ..schedulers import make_scheduler
 from ..training import DiffusionTrainer, InMemoryData, TrainConfig
 from .caption_probe import CaptionProbe
+from .object_loss import MASK_KEY, ObjectWeightedLoss, object_masks
 from .recipe import ShapesRecipe
 from .vocab import build_tokenizer, load_tokenizer
 from .world import CaptionStyle, ShapesDataset
@@ -242,7 +243,7 @@ class _Pacer(Plugin):
 def _train_jointly(
     work: Path, recipe: ShapesRecipe, name: str, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
     tokenizer: Any, latents: torch.Tensor, captions: list[str], log: Log, *, steps: int, lr: float,
-    warmup_steps: int, seed: int, extra_plugins: Sequence[Plugin] = (),
+    warmup_steps: int, seed: int, extra_plugins: Sequence[Plugin] = (), extra_data: Mapping[str, torch.Tensor] = {},
 ) -> None:
     """Train UNet and text encoder together on ``latents`` (resuming from ``work/name``), then leave both
     holding their EMA weights. Stages 4 and 5 differ only in the arguments."""
@@ -255,7 +256,7 @@ def _train_jointly(
         unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
         # DDPM gives the forward process for any training timestep (add_noise, get_velocity).
         scheduler=make_scheduler("ddpm", recipe.scheduler_config()),
-        data=InMemoryData(latents, captions), config=config, out_dir=work / name,
+        data=InMemoryData(latents, captions, **extra_data), config=config, out_dir=work / name,
         plugins=[_Pacer(ThreadGovernor(log), log, steps, label=name), *extra_plugins],
     )
     t0 = time.time()
@@ -319,11 +320,17 @@ def bind_models(work: Path, recipe: ShapesRecipe, stage5: Path, log: Log) -> Pip
     images, captions = render_dataset(work, recipe, log, name="bind-data", n_images=recipe.bind_n_images,
                                       seed=recipe.seed + 2, style=style)
     mean, _, _ = encode_dataset(work, vae, images, log, name="bind-latents")
-    probe = ([CaptionProbe(recipe.text_hidden_size, recipe.bind_probe_weight, recipe.bind_probe_attributes,
-                           seed=recipe.seed + 2)] if recipe.bind_probe_weight > 0 else [])
+    plugins: list[Plugin] = []
+    if recipe.bind_probe_weight > 0:
+        plugins.append(CaptionProbe(recipe.text_hidden_size, recipe.bind_probe_weight, recipe.bind_probe_attributes,
+                                    seed=recipe.seed + 2))
+    extra: dict[str, torch.Tensor] = {}
+    if recipe.bind_object_weight > 0:
+        plugins.append(ObjectWeightedLoss(recipe.bind_object_weight))
+        extra[MASK_KEY] = object_masks(images, mean.shape[-1])
     _train_jointly(work, recipe, "bind", unet, text_encoder, parts.tokenizer, mean * vae.config.scaling_factor,
                    captions, log, steps=recipe.bind_steps, lr=recipe.bind_lr, warmup_steps=recipe.bind_warmup_steps,
-                   seed=recipe.seed + 2, extra_plugins=probe)
+                   seed=recipe.seed + 2, extra_plugins=plugins, extra_data=extra)
     return parts
 
 
