@@ -16,7 +16,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -244,10 +244,12 @@ class _Pacer(Plugin):
 def _train_jointly(
     work: Path, recipe: ShapesRecipe, name: str, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
     tokenizer: Any, latents: torch.Tensor, captions: list[str], log: Log, *, steps: int, lr: float,
-    warmup_steps: int, seed: int, extra_plugins: Sequence[Plugin] = (), extra_data: Mapping[str, torch.Tensor] = {},
+    warmup_steps: int, seed: int, extra_plugins: Sequence[Plugin] = (),
+    extra_data: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> None:
     """Train UNet and text encoder together on ``latents`` (resuming from ``work/name``), then leave both
-    holding their EMA weights. Stages 4 and 5 differ only in the arguments."""
+    holding their EMA weights. Stages 4, 5 and 6 differ only in the arguments (``extra_data``: per-row
+    tensors the plugins read from the batch)."""
     config = TrainConfig(
         steps=steps, batch_size=recipe.unet_batch_size, lr=lr, warmup_steps=warmup_steps, lr_schedule="cosine",
         ema_decay=recipe.unet_ema_decay, caption_dropout=recipe.caption_dropout, seed=seed,
@@ -257,7 +259,7 @@ def _train_jointly(
         unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
         # DDPM gives the forward process for any training timestep (add_noise, get_velocity).
         scheduler=make_scheduler("ddpm", recipe.scheduler_config()),
-        data=InMemoryData(latents, captions, **extra_data), config=config, out_dir=work / name,
+        data=InMemoryData(latents, captions, **(extra_data or {})), config=config, out_dir=work / name,
         plugins=[_Pacer(ThreadGovernor(log), log, steps, label=name), *extra_plugins],
     )
     t0 = time.time()
