@@ -17,7 +17,7 @@ TINY = dict(
     text_hidden_size=32, text_layers=1, text_heads=2, unet_block_out_channels=(32, 32, 32),
     unet_attention_heads=2, unet_steps=3, unet_batch_size=4, unet_warmup_steps=0, checkpoint_every=2,
     refine_n_images=64, refine_steps=3, refine_warmup_steps=0,
-    bind_n_images=64, bind_steps=3, bind_warmup_steps=0, bind_object_weight=2.0,  # stage 6 is off by default; on here
+    bind_n_images=64, bind_steps=3, bind_warmup_steps=0, bind_object_weight=2.0,
 )
 
 

@@ -180,7 +180,7 @@ def _shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine-steps", type=int, default=None,
                         help="steps of the stage-5 fine-tune (default: the recipe's 2000; 0 skips the stage)")
     parser.add_argument("--bind-steps", type=int, default=None,
-                        help="steps of the stage-6 two-object fine-tune (default 0, off; the card measures 1200)")
+                        help="steps of the stage-6 two-object fine-tune (default: the recipe's 1200; 0 skips the stage)")
     parser.add_argument("--n-images", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
 

@@ -55,10 +55,9 @@ class ShapesRecipe(BaseModel):
     # Stage 5 leaves two-object prompts drawing one colour twice, mostly on black backgrounds (76.4 % both
     # colours present on 72 prompts). The caption probe on both objects alone gave 80.6 %; with the loss also
     # weighted 4x on the cells the objects cover (bind_object_weight 3), 93.1 %, at a cost in strict shape
-    # (94.4 -> 88.9 %). Off by default until the shipped ControlNet and textual-inversion embedding, trained on
-    # the stage-5 weights, are retrained on it. docs/shapes-model.md has the figures of every trial.
+    # (94.4 -> 88.9 %); the shipped run measured 94.4 %. docs/shapes-model.md has the figures of every trial.
     bind_n_images: int = Field(24000, ge=64)
-    bind_steps: int = Field(0, ge=0)
+    bind_steps: int = Field(1200, ge=0)
     bind_lr: float = Field(2e-4, gt=0)
     bind_warmup_steps: int = Field(50, ge=0)
     bind_p_position: float = Field(0.5, ge=0, le=1)

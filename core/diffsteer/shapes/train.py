@@ -1,8 +1,8 @@
 """Train the shapes model from scratch: render data, train the VAE, encode latents, train text encoder + UNet,
 fine-tune both on a second scene set richer in position words with the caption probe on position
 (stage 5, ``refine_steps=0`` skips it), then fine-tune the packaged stage-5 model on a third set rich in
-two-object scenes with the probe on both objects and an object-weighted loss (stage 6, off by default:
-``bind_steps=0``).
+two-object scenes with the probe on both objects and an object-weighted loss (stage 6, ``bind_steps=0``
+skips it).
 
 Every stage checkpoints atomically into ``OUT/work`` and is skipped once done, so an interrupted run
 resumes where it stopped (``diffsteer train shapes --out OUT`` again). The finished model is written to
