@@ -6,9 +6,12 @@ measured on its own axis while the other four stay in the call:
 * textual-inversion: the shape: "<diamond>" (a learned token for a shape the model never drew) gives
   diamonds, the word "shape" in its place does not;
 * controlnet: the position: the object's centroid lands on the outline control's centre;
-* prompt-weighting: the colour balance: "(red)1.6 and blue" has more red than "red and (blue)1.6";
-* sega: "+red" raises the red share again on top of the weighting;
+* sega: "+red" turns the prompt's blue object red;
+* prompt-weighting: the prompt's colour against SEGA's: "(blue)0.6" yields to "+red", "(blue)1.4" holds;
 * sag: the latents' high-frequency energy (their distance to their own SAG blur) goes down.
+
+The prompt is one the world's captions could hold ("a blue <diamond> on a white background"): an object of two
+colours ("a red and blue <diamond>") is outside the caption grammar, and the shipped model draws it as two objects.
 
 Every condition draws the same starting noise from the same seeds, so each comparison is paired. The
 figures print; the thresholds sit below what was measured (quoted beside each).
@@ -38,7 +41,7 @@ SEEDS = range(3000, 3000 + N)
 PLACES = [(0.3 + 0.4 * ((i * 5) % N) / (N - 1), 0.3 + 0.4 * ((i * 7) % N) / (N - 1)) for i in range(N)]
 OUTLINES = [render_outline(Scene([ShapeObject("diamond", "red", x, y, 0.2)], "white")) for x, y in PLACES]
 CENTRES = np.array(PLACES) * 64
-TEMPLATE = "a {red} and {blue} {thing} on a white background"
+TEMPLATE = "a {blue} {thing} on a white background"
 
 
 def diamond_rate(images: list) -> float:
@@ -53,8 +56,8 @@ def diamond_rate(images: list) -> float:
 class Run:
     """One call over N seeds with the given plugins: images, latents and the per-axis measures."""
 
-    def __init__(self, pipe, plugins, *, red="(red)1.6", blue="blue", thing="<diamond>") -> None:
-        prompt = TEMPLATE.format(red=red, blue=blue, thing=thing)
+    def __init__(self, pipe, plugins, *, blue="(blue)0.6", thing="<diamond>") -> None:
+        prompt = TEMPLATE.format(blue=blue, thing=thing)
         gens = [torch.Generator().manual_seed(s) for s in SEEDS]
         self.latents = pipe([prompt] * N, num_inference_steps=STEPS, generator=gens, plugins=plugins,
                             output_type="latent").images
@@ -103,7 +106,7 @@ def stack(parts: dict, without: str = "") -> list:
 def runs(shapes_pipe, parts):
     return {
         "all": Run(shapes_pipe, stack(parts)),
-        "blue up": Run(shapes_pipe, stack(parts), red="red", blue="(blue)1.6"),
+        "blue up": Run(shapes_pipe, stack(parts), blue="(blue)1.4"),
         "no ti": Run(shapes_pipe, stack(parts, "ti"), thing="shape"),
         "no sega": Run(shapes_pipe, stack(parts, "sega")),
         "no sag": Run(shapes_pipe, stack(parts, "sag")),
@@ -119,14 +122,14 @@ def test_all_five_in_one_call_each_keep_their_effect(runs):
           f"{r['no ti'].diamonds():.2f} with 'shape' and no token")
     print(f"  controlnet: within 4 px of the control {r['all'].near_control():.2f}, without it "
           f"{r['no cn'].near_control():.2f}")
-    print(f"  prompt-weighting: red share {share['all'].mean():.2f} with red up, {share['blue up'].mean():.2f} with "
-          f"blue up (higher with red up in {(share['all'] > share['blue up']).sum()}/{N})")
+    print(f"  prompt-weighting: red share {share['all'].mean():.2f} with (blue)0.6, {share['blue up'].mean():.2f} with "
+          f"(blue)1.4 (higher with 0.6 in {(share['all'] > share['blue up']).sum()}/{N})")
     print(f"  sega +red: red share {share['all'].mean():.2f}, without sega {share['no sega'].mean():.2f} "
           f"(higher with sega in {(share['all'] > share['no sega']).sum()}/{N})")
     print(f"  sag: latent HF energy {r['all'].hf.mean():.4f}, without sag {r['no sag'].hf.mean():.4f} "
           f"(lower with sag in {(r['all'].hf < r['no sag'].hf).sum()}/{N})")
-    # Measured: diamonds 0.42 vs 0.08; near 0.83 vs 0.17; red share 0.32 vs 0.00 (11/12) with weighting and
-    # 0.32 vs 0.03 (11/12) with sega; HF energy 0.165 vs 0.196 (12/12).
+    # Measured: diamonds 1.00 vs 0.00; near 1.00 vs 0.00; red share 1.00 vs 0.00 (12/12) with (blue)0.6 against
+    # (blue)1.4 and 1.00 vs 0.00 (12/12) with sega; HF energy 0.135 vs 0.176 (12/12).
     assert r["all"].diamonds() >= r["no ti"].diamonds() + 0.2
     assert r["all"].near_control() >= 0.6 and r["all"].near_control() >= r["no cn"].near_control() + 0.4
     assert share["all"].mean() - share["blue up"].mean() >= 0.15 and (share["all"] > share["blue up"]).sum() >= 9

@@ -23,8 +23,10 @@ STEPS = 20
 TEMPLATE = "a {red} and {blue} circle on a white background"
 BASELINE = TEMPLATE.format(red="red", blue="blue")
 
-# Measured (16 seeds, 20 DDIM steps): the baseline's red share is 0.29 (the model leans blue: 15/16 images are
-# blue-dominant); weight 1.6 moves it to 0.56 / 0.13 (compel) and 0.73 / 0.18 (a1111); red-- to 0.16.
+# Measured (16 seeds, 20 DDIM steps): the baseline's red share is 0.59 (12/16 images red-dominant); weight 1.6
+# moves it to 0.75 / 0.48 (compel, red up / blue up) and 0.80 / 0.44 (a1111); red-- to 0.44, blue-- to 0.70.
+# The model draws "a red and blue circle" as separate red and blue objects (two or three), so the share is their
+# balance of area.
 MIN_SHIFT = 0.08  # every mean shift of the share, in the expected direction
 MIN_PAIRED = 13  # of 16 seeds: the red share is higher with red up-weighted than with blue up-weighted
 
@@ -64,7 +66,7 @@ def baseline(shapes_pipe):
     ],
 )
 def test_upweighting_a_colour_raises_its_share(shapes_pipe, baseline, syntax, red_up, blue_up):
-    base, base_dom = baseline
+    base, _ = baseline
     more_red, red_dom = measure(shapes_pipe, red_up, syntax)
     more_blue, blue_dom = measure(shapes_pipe, blue_up, syntax)
     print()
@@ -76,7 +78,8 @@ def test_upweighting_a_colour_raises_its_share(shapes_pipe, baseline, syntax, re
     assert more_red.mean() - base.mean() >= MIN_SHIFT
     assert base.mean() - more_blue.mean() >= MIN_SHIFT
     assert paired >= MIN_PAIRED
-    assert red_dom.count("red") >= base_dom.count("red") + 4
+    # red-dominant 16 vs 7 of 16 (both syntaxes); against the baseline's 12 this count has little room to rise
+    assert red_dom.count("red") >= blue_dom.count("red") + 5
 
 
 def test_downweighting_a_colour_lowers_its_share(shapes_pipe, baseline):

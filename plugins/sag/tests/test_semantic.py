@@ -75,8 +75,8 @@ def test_sag_changes_texture_not_content(shapes_pipe, guidance_scale):
           f"{sag.laplacian.mean() / plain.laplacian.mean() - 1:+.0%}, lower in {int((sag.laplacian < plain.laplacian).sum())}; "
           "per criterion fixed/broken: "
           + ", ".join(f"{c} {better[c]}/{worse[c]}" for c in CRITERIA))
-    assert change > 0.002  # measured 0.005 (CFG) and 0.008 (no CFG)
-    assert lower >= 0.75 * len(PROMPTS)  # measured 47/48 and 43/48
+    assert change > 0.002  # measured 0.0106 (CFG) and 0.0089 (no CFG)
+    assert lower >= 0.75 * len(PROMPTS)  # measured 48/48 and 46/48
     for c in CRITERIA:  # caption following holds: at most 3 of 48 images lose a criterion net
         assert worse[c] - better[c] <= 3, c
     assert sag.rate("colour") >= 0.9 and sag.rate("background") == 1.0

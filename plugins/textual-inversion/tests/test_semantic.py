@@ -4,8 +4,9 @@
 The embedding is test data (data/diamond.safetensors, command in data/README.md); the evaluator
 (diamonds.shape_of) classifies each image's object pixels among circle / square / triangle / diamond by template
 mismatch. Measured while writing the test (16 images, 20 DDIM steps): seed 0: 0.875 with the token vs 0.0625
-("a red shape") and 0.0 ("a red"); seed 1: 0.75 vs 0.0. The thresholds below leave room for that spread: at least
-half the images are diamonds with the token, and at least 0.4 more than without.
+("a red shape") and 0.0 ("a red"); seed 1: 0.75 vs 0.0. On the shipped model, after its two-object fine-tune:
+seed 0: 0.5625 vs 0.0 and 0.0. The thresholds: at least half the images are diamonds with the token, and at least
+0.4 more than without.
 
 Known weak: the generated "diamonds" are pointed, kite-like blobs rather than crisp squares on a corner (their
 template mismatch is 0.20 vs 0.04 for rendered diamonds); the model's UNet has little room for a form it never
