@@ -9,137 +9,27 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import __version__
+from .generate_cli import add_generate_arguments
 
-METADATA_KEY = "diffsteer"
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+METADATA_KEY = "diffsteer"  # the PNG text key (JPEG/WebP: EXIF ImageDescription "diffsteer:<json>")
 
 
-def parse_settings(plugins: Sequence[str], assignments: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
-    """Pair each ``--plugin NAME`` with the ``--set NAME.FIELD=VALUE`` values given for it (JSON or text)."""
-    settings: dict[str, dict[str, Any]] = {name: {} for name in plugins}
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        name, dot, field = key.partition(".")
-        if not sep or not dot or not field:
-            raise SystemExit(f"error: --set expects NAME.FIELD=VALUE, got {item!r}")
-        if name not in settings:
-            raise SystemExit(f"error: --set {item!r} names plugin {name!r}, which no --plugin enables")
-        settings[name][field] = _parse_value(value)
-    return [(name, settings[name]) for name in plugins]
+def _lazy(module: str, function: str) -> Any:
+    """A command that imports its module only when it runs, so ``--help`` stays fast."""
 
+    def run(args: argparse.Namespace) -> int:
+        import importlib
 
-def _save_png(image: Any, path: Path, parameters: dict[str, Any]) -> None:
-    """Write a PNG with the call's parameters in its metadata, atomically (temp file, then rename)."""
-    from PIL.PngImagePlugin import PngInfo
+        return int(getattr(importlib.import_module(f".{module}", __package__), function)(args))
 
-    from .atomic import atomic_file
-
-    info = PngInfo()
-    info.add_text(METADATA_KEY, json.dumps(parameters, sort_keys=True))
-    with atomic_file(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+    return run
 
 
 def read_parameters(path: Path) -> dict[str, Any]:
-    """The parameters a ``diffsteer generate`` PNG carries."""
-    from PIL import Image
+    """The parameters an image written by ``diffsteer generate`` carries."""
+    from .image_files import read_image_parameters
 
-    try:
-        with Image.open(path) as im:
-            text = im.info.get(METADATA_KEY)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: --from {path}: cannot read the image ({exc})") from None
-    if not text:
-        raise SystemExit(f"error: --from {path}: the PNG has no diffsteer parameters")
-    return json.loads(text)
-
-
-def _output_paths(out: Path, count: int) -> list[Path]:
-    if count == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    import random
-
-    import torch
-
-    from .pipeline import Pipeline
-    from .plugins import resolve_plugins
-
-    if args.from_png:
-        if args.prompt is not None:
-            raise SystemExit("error: --from re-runs a stored generation; give no PROMPT with it")
-        params = read_parameters(Path(args.from_png))
-        plugin_specs = [(p["name"], p["settings"]) for p in params.get("plugins", [])]
-    else:
-        if args.prompt is None:
-            raise SystemExit("error: give a PROMPT, or --from IMAGE.png to re-run a generation")
-        model = args.model
-        if Path(model).expanduser().is_dir():
-            model = str(Path(model).expanduser().resolve())  # so --from works from any directory
-        params = {
-            "model": model,
-            "scheduler": args.scheduler,
-            "prompt": args.prompt,
-            "negative_prompt": args.negative_prompt,
-            "steps": args.steps,
-            "guidance_scale": args.guidance_scale,
-            "guidance_rescale": args.guidance_rescale,
-            "height": args.height,
-            "width": args.width,
-            "seed": args.seed if args.seed is not None else random.randrange(2**31),
-            "eta": args.eta,
-            "clip_skip": args.clip_skip,
-            "num_images_per_prompt": args.num_images,
-            "dtype": args.dtype,
-        }
-        plugin_specs = parse_settings(args.plugin, args.set)
-    # Plugins first: a missing plugin or a bad setting is reported before seconds of model loading.
-    plugins = resolve_plugins(plugin_specs)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[params.get("dtype", "fp32")]
-    pipe = Pipeline.from_pretrained(params["model"], scheduler=params["scheduler"], torch_dtype=dtype)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=params["steps"], desc="denoising", unit="step", disable=args.quiet)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
-    negative = params["negative_prompt"]
-    out = pipe(
-        params["prompt"],
-        negative_prompt=negative[0] if isinstance(negative, list) and len(negative) == 1 else negative,
-        num_inference_steps=params["steps"],
-        guidance_scale=params["guidance_scale"],
-        guidance_rescale=params.get("guidance_rescale", 0.0),
-        height=params["height"],
-        width=params["width"],
-        seed=params["seed"],
-        eta=params.get("eta"),
-        clip_skip=params.get("clip_skip"),
-        num_images_per_prompt=params["num_images_per_prompt"],
-        plugins=plugins,
-        progress=progress,
-    )
-    bar.close()
-    saved = {**out.parameters, "dtype": params.get("dtype", "fp32"), "model": params["model"]}
-    # A scheduler picked by the model's own config is recorded by name so --from needs no guessing.
-    saved["scheduler"] = params["scheduler"] or out.parameters["scheduler"]
-    paths = _output_paths(Path(args.output), len(out.images))
-    for image, path in zip(out.images, paths):
-        _save_png(image, path, saved)
-        print(path)
-    return 0
+    return read_image_parameters(Path(path))
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -259,27 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffsteer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument("prompt", nargs="?", help="the text prompt")
-    gen.add_argument("--model", default="shapes", help="model folder, hub id, or 'shapes' (default)")
-    gen.add_argument("--scheduler", default=None, help="one of: " + ", ".join(_scheduler_names()))
-    gen.add_argument("--eta", type=float, default=None, help="DDIM eta (0 is deterministic)")
-    gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
-    gen.add_argument("--guidance-rescale", type=float, default=0.0)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--seed", type=int, default=None, help="random when omitted; always recorded in the PNG")
-    gen.add_argument("--clip-skip", type=int, default=None)
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    gen.add_argument("--plugin", action="append", default=[], metavar="NAME", help="enable a plugin (repeatable)")
-    gen.add_argument("--set", action="append", default=[], metavar="NAME.FIELD=VALUE", help="plugin setting (JSON or text)")
-    gen.add_argument("--from", dest="from_png", default=None, metavar="PNG", help="re-run the generation stored in a PNG")
-    gen.add_argument("-o", "--output", default="out.png")
-    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    gen.set_defaults(func=cmd_generate)
+    gen = sub.add_parser("generate", help="generate images from a prompt",
+                         description="Generate images; the file records every parameter (diffsteer generate "
+                         "--from IMAGE makes it again).")
+    add_generate_arguments(gen)
+    gen.set_defaults(func=_lazy("generate_cli", "cmd_generate"))
 
     plug = sub.add_parser("plugins", help="list installed plugins and the hooks they implement")
     plug.add_argument("--json", action="store_true")
@@ -322,6 +196,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Bad input is the user's to fix: a clear line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Outputs are written by rename, so an earlier file of the same name is still whole.
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,3 +48,23 @@ class SettingsError(DiffsteerError, ValueError):
 
 class GenerationError(DiffsteerError, RuntimeError):
     """The denoising loop produced an unusable state (NaN or inf latents, a shape mismatch)."""
+
+
+class RequestError(DiffsteerError, ValueError):
+    """A generation argument has the wrong type or an impossible value; the message starts with its name."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        self.argument = argument
+        super().__init__(f"{argument} {message}")
+
+
+class InputFileError(DiffsteerError, ValueError):
+    """A file a generation reads (a control image, an embedding, a model) is missing or not the recorded one."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+class DiffsteerWarning(UserWarning):
+    """Input that runs but is probably not what the user meant (a truncated prompt, an unknown word, a huge size)."""

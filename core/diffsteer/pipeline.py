@@ -12,13 +12,15 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .attention_patches import AttentionPatch, compile_patches
 from .branches import BranchLayout
 from .call import GenerationCall, GenerationRequest, StepState
-from .errors import GenerationError
+from .errors import GenerationError, RequestError
 from .images import ImageInput, postprocess, to_model_tensor
 from .models.attention import use_attention_processors
 from .models.random import randn_tensor
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
 from .plugins import Plugin, PluginSpec, make_manager, plugin_label, resolve_plugins
+from .prompt_checks import warn_about_prompts
+from .request_checks import check_arguments, check_prompts, check_size
 from .schedulers import Scheduler, make_scheduler
 from .text import PromptEncoder, TokenTable, token_table_for
 
@@ -221,6 +223,7 @@ class Pipeline:
         error: Optional[BaseException] = None
         try:
             call.hook.diffsteer_setup(call=call)
+            warn_about_prompts(call)
             images = self._generate(call, latents, image, progress)
         except BaseException as exc:
             error = exc
@@ -233,27 +236,30 @@ class Pipeline:
         self, prompt, negative_prompt, steps, guidance_scale, height, width, seed, strength,
         num_images, output_type, eta, guidance_rescale, clip_skip, image,
     ) -> GenerationRequest:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        negatives = None
-        if negative_prompt is not None:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
-        if num_images < 1:
-            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images}")
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        prompts = check_prompts("prompt", prompt)
+        negatives = check_prompts("negative_prompt", negative_prompt, optional=True)
+        if negatives is not None and isinstance(negative_prompt, str):
+            negatives = negatives * len(prompts)
+        if negatives is not None and len(negatives) != len(prompts):
+            raise RequestError("negative_prompt", f"has {len(negatives)} entries for {len(prompts)} prompts")
+        check_arguments(
+            steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height, width=width,
+            seed=seed, strength=strength, num_images=num_images, eta=eta, clip_skip=clip_skip,
+        )
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        height = height or self.default_size
-        width = width or self.default_size
+        if self.scheduler.name == "ddim_inverse":
+            raise RequestError("scheduler", "'ddim_inverse' runs DDIM backwards (clean latents to noise, for "
+                               "inversion); it cannot generate: use 'ddim'")
+        height = self.default_size if height is None else int(height)
+        width = self.default_size if width is None else int(width)
         for label, value in (("height", height), ("width", width)):
             if value % self.vae_scale_factor:
-                raise ValueError(f"{label} must be a multiple of {self.vae_scale_factor}, got {value}")
+                raise RequestError(label, f"must be a multiple of {self.vae_scale_factor}, got {value}")
+        rows = len(prompts) * num_images * (2 if guidance_scale > 1.0 else 1)
+        check_size(height, width, native=self.default_size, vae_factor=self.vae_scale_factor, rows=rows,
+                   unet_channels=int(self.unet.config.block_out_channels[0]),
+                   vae_channels=int(self.vae.config.block_out_channels[0]))
         return GenerationRequest(
             prompts=prompts, negative_prompts=negatives, num_inference_steps=steps,
             guidance_scale=float(guidance_scale), guidance_rescale=float(guidance_rescale), height=height,

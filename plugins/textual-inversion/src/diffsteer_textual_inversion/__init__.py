@@ -102,6 +102,9 @@ class TextualInversion(Plugin):
             if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2):
                 raise SettingsError(self.name, [("tensors", f"{token!r} must map to a (hidden,) or (n, hidden) tensor")])
             self._put(loaded, token, vectors.detach().float().cpu(), "tensors")
+        if not loaded:  # enabled with nothing to add, the plugin would run and change nothing
+            raise SettingsError(self.name, [("embeddings", "is empty: give at least one embedding file, e.g. "
+                                             "--set textual-inversion.embeddings=learned_embeds.safetensors")])
         #: token -> vectors ``(n, hidden)``, read once; calls only read them.
         self.embeddings = loaded
 

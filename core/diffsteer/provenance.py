@@ -1,0 +1,75 @@
+"""The files a generation reads (control images, embeddings, model folders), recorded so ``--from`` can
+tell when one has moved or changed: an absolute path and a SHA-256 of its content.
+
+A folder's hash covers every file under it: each relative path and its content, in sorted order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import InputFileError
+
+_CHUNK = 1 << 20
+
+
+def _update_with_file(digest: "hashlib._Hash", path: Path) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+
+
+def content_hash(path: Path) -> str:
+    """``sha256:<hex>`` of a file's bytes, or of a folder's relative paths and file contents."""
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+            _update_with_file(digest, file)
+            digest.update(b"\0")
+    else:
+        _update_with_file(digest, path)
+    return "sha256:" + digest.hexdigest()
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether a setting's text names an existing file or folder.
+
+    Only text with a folder separator or a file suffix counts, so a word such as ``red`` never turns into a
+    file that happens to be called ``red``.
+    """
+    if not value or "\n" in value or len(value) > 4096:
+        return False
+    shaped = os.sep in value or "/" in value or bool(Path(value).suffix)
+    return shaped and Path(value).expanduser().exists()
+
+
+def absolutise(value: Any, files: dict[str, str]) -> Any:
+    """``value`` with every string that names an existing file made absolute; each such file's hash goes
+    into ``files`` (``{absolute path: hash}``). Lists and mappings are walked."""
+    if isinstance(value, str) and looks_like_path(value):
+        path = Path(value).expanduser().resolve()
+        files[str(path)] = content_hash(path)
+        return str(path)
+    if isinstance(value, Mapping):
+        return {k: absolutise(v, files) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [absolutise(v, files) for v in value]
+    return value
+
+
+def verify_inputs(files: Mapping[str, str], source: str) -> None:
+    """Raise :class:`InputFileError` naming the first recorded file that is missing or whose content changed."""
+    for name, recorded in files.items():
+        path = Path(name)
+        if not path.exists():
+            raise InputFileError(name, f"recorded in {source} but missing; restore it to reproduce the image")
+        now = content_hash(path)
+        if now != recorded:
+            raise InputFileError(
+                name, f"changed since {source} was made (recorded {recorded}, now {now}); restore the recorded "
+                "file to reproduce the image"
+            )
