@@ -65,6 +65,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def _shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder; an interrupted run resumes from it")
+    parser.add_argument("--preset", default="v1",
+                        help="named recipe: v1 (the CPU recipe, stages 1-6) or v2 (one larger stage 4 for an "
+                             "accelerator; docs/shapes-model.md) (default: v1)")
     parser.add_argument("--unet-steps", type=int, default=None)
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--refine-steps", type=int, default=None,
@@ -73,20 +76,45 @@ def _shapes_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of the stage-6 two-object fine-tune (default: the recipe's 1200; 0 skips the stage)")
     parser.add_argument("--n-images", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--set", dest="recipe_set", action="append", default=[], metavar="FIELD=JSON",
+                        help="set any recipe field, e.g. --set 'unet_block_out_channels=[64,128,128]' (repeatable)")
+    parser.add_argument("--device", default="cpu", help="where the networks train: cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="fixed torch thread count (default: follow the machine's load)")
+    parser.add_argument("--time-steps", type=int, default=None, metavar="N",
+                        help="prepare stages 1-3, time N throw-away stage-4 steps, print seconds per step and stop")
 
 
 def _train_shapes(args: argparse.Namespace) -> int:
     import time
 
-    from .shapes.recipe import ShapesRecipe
-    from .shapes.train import train_shapes
+    from .shapes.recipe import ShapesRecipe, preset
+    from .shapes.train import time_stage4, train_shapes
 
-    overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps),
-                                   ("refine_steps", args.refine_steps), ("bind_steps", args.bind_steps),
-                                   ("n_images", args.n_images),
-                                   ("seed", args.seed)) if v is not None}
-    recipe = ShapesRecipe(**overrides)
-    train_shapes(Path(args.out), recipe, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
+    overrides: dict[str, Any] = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps),
+                                                   ("refine_steps", args.refine_steps), ("bind_steps", args.bind_steps),
+                                                   ("n_images", args.n_images),
+                                                   ("seed", args.seed)) if v is not None}
+    for item in args.recipe_set:
+        field, sep, text = item.partition("=")
+        if not sep or field not in ShapesRecipe.model_fields:
+            raise SystemExit(f"error: --set {item!r}: expected FIELD=JSON with FIELD a recipe field "
+                             f"({', '.join(ShapesRecipe.model_fields)})")
+        try:
+            overrides[field] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"error: --set {item!r}: the value is not valid JSON ({exc.msg})") from None
+    try:
+        recipe = preset(args.preset, **overrides)
+    except ValueError as exc:
+        raise SystemExit(f"error: train shapes: {exc}") from None
+    log = lambda m: print(time.strftime("%H:%M:%S"), m, flush=True)  # noqa: E731
+    if args.time_steps:
+        seconds = time_stage4(Path(args.out), recipe, log, device=args.device, threads=args.threads,
+                              steps=args.time_steps)
+        print(f"seconds per step: {seconds:.6f}")
+        return 0
+    train_shapes(Path(args.out), recipe, log=log, device=args.device, threads=args.threads)
     print(args.out)
     return 0
 

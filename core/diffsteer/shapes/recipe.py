@@ -30,6 +30,7 @@ class ShapesRecipe(BaseModel):
     text_heads: int = 4
     unet_block_out_channels: Tuple[int, ...] = (64, 128, 128)
     unet_attention_heads: int = 8
+    unet_layers_per_block: int = Field(1, ge=1)
     unet_steps: int = Field(5500, ge=1)
     unet_batch_size: int = Field(32, ge=1)
     unet_lr: float = Field(5e-4, gt=0)
@@ -37,6 +38,19 @@ class ShapesRecipe(BaseModel):
     unet_ema_decay: float = Field(0.999, ge=0, lt=1)
     caption_dropout: float = Field(0.1, ge=0, le=1)
     checkpoint_every: int = Field(250, ge=1)
+    #: How often stage-1 captions hold two objects / name a position (``CaptionStyle``'s defaults are v1's).
+    unet_p_two: float = Field(0.4, ge=0, le=1)
+    unet_p_position: float = Field(0.3, ge=0, le=1)
+    #: Stage 4's caption probe weight (0: off) and what it reads; v2 trains it from the start (see stage 6).
+    unet_probe_weight: float = Field(0.0, ge=0)
+    unet_probe_attributes: Tuple[str, ...] = ("position", "colour1", "shape1", "colour2", "shape2")
+    #: Stage 4's extra loss weight on object cells (0: off), as in stage 6.
+    unet_object_weight: float = Field(0.0, ge=0)
+    #: bf16 autocast for the UNet and text-encoder passes (the trainer's ``mixed_precision``).
+    mixed_precision: Literal["no", "bf16"] = "no"
+    #: "train" trains the VAE (stage 2); "packaged" takes the VAE shipped in the package (its weights and
+    #: scaling factor), so the latent space the plugins' shipped networks were trained on stays the same.
+    vae_source: Literal["train", "packaged"] = "train"
 
     # -- stage 5: fine-tune UNet and text encoder on a second scene set, richer in position words --------------
     # Stage 4 leaves the model blind to position words (50 %, chance). More positioned captions alone did not
@@ -72,7 +86,7 @@ class ShapesRecipe(BaseModel):
     #: Weights are written in this dtype (fp16 halves the package data; loading casts to the pipeline's dtype).
     ship_dtype: Literal["float32", "float16"] = "float16"
 
-    @field_validator("bind_probe_attributes")
+    @field_validator("bind_probe_attributes", "unet_probe_attributes")
     @classmethod
     def _known_attributes(cls, value: Tuple[str, ...]) -> Tuple[str, ...]:
         from .caption_probe import attribute_problem
@@ -119,7 +133,7 @@ class ShapesRecipe(BaseModel):
             "sample_size": latent_size,
             "in_channels": 4,
             "out_channels": 4,
-            "layers_per_block": 1,
+            "layers_per_block": self.unet_layers_per_block,
             "block_out_channels": list(self.unet_block_out_channels),
             # cross-attention at 16x16 and 8x8; the 4x4 bottom only mixes
             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
@@ -141,3 +155,35 @@ class ShapesRecipe(BaseModel):
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+
+
+#: Named recipes: ``v1`` is the CPU recipe of stages 1-6 (the defaults); ``v2`` trains one larger stage 4 from
+#: scratch on the packaged VAE, with the caption probe and the object-weighted loss from the first step, on a
+#: data set rich in two-object and positioned captions, sized for an accelerator (docs/shapes-model.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "v1": {},
+    "v2": {
+        "vae_source": "packaged",
+        "n_images": 200_000,
+        "unet_block_out_channels": (96, 192, 192),
+        "unet_batch_size": 512,
+        "unet_lr": 6e-4,
+        "unet_warmup_steps": 300,
+        "unet_steps": 4000,
+        "checkpoint_every": 500,
+        "unet_p_two": 0.6,
+        "unet_p_position": 0.5,
+        "unet_probe_weight": 0.5,
+        "unet_object_weight": 3.0,
+        "mixed_precision": "bf16",
+        "refine_steps": 0,
+        "bind_steps": 0,
+    },
+}
+
+
+def preset(name: str, **overrides: Any) -> ShapesRecipe:
+    """The named recipe of :data:`PRESETS` with ``overrides`` (recipe field names) applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown shapes recipe {name!r}; available: {', '.join(PRESETS)}")
+    return ShapesRecipe(**{**PRESETS[name], **overrides})

@@ -16,14 +16,14 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..atomic import atomic_file
 from ..hookspecs import hookimpl
-from ..loading.pipeline_loader import PipelineParts, load_pipeline_parts
+from ..loading.pipeline_loader import PipelineParts, load_pipeline_parts, shipped_model_dir
 from ..loading.pipeline_writer import save_pipeline
 from ..loading.weights import load_state_dict, save_state_dict
 from ..models.unet import UNet2DConditionModel
@@ -59,12 +59,12 @@ class ThreadGovernor:
     process's own CPU time over the elapsed interval (no extra sleeping).
     """
 
-    def __init__(self, log: Log, interval: float = 30.0) -> None:
-        self.log, self.interval = log, interval
+    def __init__(self, log: Log, interval: float = 30.0, fixed: int | None = None) -> None:
+        self.log, self.interval, self.fixed = log, interval, fixed
         self.cores = os.cpu_count() or 1
         self.threads = 0
         self._mark = self._sample()
-        self._set(self.cores if self.cores > 1 else 1, other=0.0)
+        self._set(fixed or (self.cores if self.cores > 1 else 1), other=0.0)
 
     @staticmethod
     def _sample() -> tuple[float, float, float]:
@@ -81,6 +81,8 @@ class ThreadGovernor:
             self.log(f"threads: {threads} (other processes keep {other:.2f} of {self.cores} cores busy)")
 
     def tick(self) -> None:
+        if self.fixed:
+            return
         now = self._sample()
         wall = now[0] - self._mark[0]
         if wall < self.interval:
@@ -111,16 +113,34 @@ def render_dataset(
         return load_state_dict(images_file)["images"], json.loads(captions_file.read_text())
     t0 = time.time()
     ds = ShapesDataset(n, seed=seed, size=recipe.image_size, style=style)
-    images = torch.empty(n, 3, recipe.image_size, recipe.image_size, dtype=torch.uint8)
-    captions = []
-    for i in range(n):
-        item = ds[i]
-        images[i] = ((item["pixel_values"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        captions.append(item["caption"])
+    # Item i depends on (seed, i) alone, so chunks rendered by worker processes join to the same tensor.
+    chunks = [range(i, min(i + 4096, n)) for i in range(0, n, 4096)]
+    workers = min(os.cpu_count() or 1, len(chunks))
+    if workers > 1:
+        import multiprocessing
+
+        # spawn, not fork: a forked child of a process that has run torch's OpenMP pool can hang.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(_render_chunk, [(ds, c) for c in chunks])
+    else:
+        parts = [_render_chunk((ds, c)) for c in chunks]
+    images = torch.cat([p[0] for p in parts])
+    captions = [c for p in parts for c in p[1]]
     save_state_dict({"images": images}, images_file)
     with atomic_file(captions_file) as tmp:
         tmp.write_text(json.dumps(captions))
     log(f"{name}: rendered {n} scenes in {time.time() - t0:.0f}s")
+    return images, captions
+
+
+def _render_chunk(job: tuple[ShapesDataset, range]) -> tuple[torch.Tensor, list[str]]:
+    ds, rows = job
+    images = torch.empty(len(rows), 3, ds.size, ds.size, dtype=torch.uint8)
+    captions = []
+    for j, i in enumerate(rows):
+        item = ds[i]
+        images[j] = ((item["pixel_values"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        captions.append(item["caption"])
     return images, captions
 
 
@@ -137,15 +157,21 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
-def train_vae(work: Path, recipe: ShapesRecipe, images: torch.Tensor, log: Log) -> AutoencoderKL:
+def packaged_vae() -> AutoencoderKL:
+    """The VAE shipped in the package (float32), with its scaling factor in its config."""
+    return load_pipeline_parts(shipped_model_dir(), torch_dtype=torch.float32).vae.eval()
+
+
+def train_vae(work: Path, recipe: ShapesRecipe, images: torch.Tensor, log: Log,
+              device: torch.device = torch.device("cpu")) -> AutoencoderKL:
     """Reconstruction + a small KL term; resumes from ``work/vae-ckpt``."""
     final = work / "vae.safetensors"
     vae = AutoencoderKL.from_config(recipe.vae_config())
     if final.is_file():
         vae.load_state_dict(load_state_dict(final))
-        return vae.eval()
+        return vae.eval().to(device)
     torch.manual_seed(recipe.seed)
-    vae = AutoencoderKL.from_config(recipe.vae_config())
+    vae = AutoencoderKL.from_config(recipe.vae_config()).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     ckpt = work / "vae-ckpt.pt"
     start = 0
@@ -156,14 +182,14 @@ def train_vae(work: Path, recipe: ShapesRecipe, images: torch.Tensor, log: Log) 
         start = int(state["step"])
         log(f"vae: resuming at step {start}")
     n_held = min(256, len(images) // 4)  # the recipe's 256; a small test run keeps most images for training
-    held_out = to_pixels(images[-n_held:])
+    held_out = to_pixels(images[-n_held:]).to(device)
     t0 = time.time()
     governor = ThreadGovernor(log)
     for step in range(start, recipe.vae_steps):
         governor.tick()
         g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
         idx = torch.randint(0, len(images) - n_held, (recipe.vae_batch_size,), generator=g)
-        x = to_pixels(images[idx])
+        x = to_pixels(images[idx]).to(device)
         # cosine decay to 10%: the last steps sharpen edges
         lr = recipe.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / recipe.vae_steps)))
         for group in opt.param_groups:
@@ -207,10 +233,11 @@ def encode_dataset(
         d = load_state_dict(f)
         return d["mean"], d["std"], float(d["scaling_factor"])
     means, stds = [], []
+    device = next(vae.parameters()).device
     for i in range(0, len(images), 256):
-        post = vae.encode(to_pixels(images[i : i + 256]))
-        means.append(post.mean)
-        stds.append(post.std)
+        post = vae.encode(to_pixels(images[i : i + 256]).to(device))
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     scaling = float(1.0 / mean.std())
     save_state_dict({"mean": mean, "std": std, "scaling_factor": torch.tensor(scaling)}, f)
@@ -245,7 +272,7 @@ def _train_jointly(
     work: Path, recipe: ShapesRecipe, name: str, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
     tokenizer: Any, latents: torch.Tensor, captions: list[str], log: Log, *, steps: int, lr: float,
     warmup_steps: int, seed: int, extra_plugins: Sequence[Plugin] = (),
-    extra_data: Optional[Mapping[str, torch.Tensor]] = None,
+    extra_data: Optional[Mapping[str, torch.Tensor]] = None, threads: Optional[int] = None,
 ) -> None:
     """Train UNet and text encoder together on ``latents`` (resuming from ``work/name``), then leave both
     holding their EMA weights. Stages 4, 5 and 6 differ only in the arguments (``extra_data``: per-row
@@ -254,13 +281,18 @@ def _train_jointly(
         steps=steps, batch_size=recipe.unet_batch_size, lr=lr, warmup_steps=warmup_steps, lr_schedule="cosine",
         ema_decay=recipe.unet_ema_decay, caption_dropout=recipe.caption_dropout, seed=seed,
         train_text_encoder=True, checkpoint_every=recipe.checkpoint_every, log_every=50, progress=False,
+        mixed_precision=recipe.mixed_precision,
     )
+    # The data lives where the UNet does: one gather per step, no host-to-device copy.
+    device = next(unet.parameters()).device
+    latents = latents.to(device)
+    extra_data = {k: v.to(device) for k, v in (extra_data or {}).items()}
     trainer = DiffusionTrainer(
         unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
         # DDPM gives the forward process for any training timestep (add_noise, get_velocity).
         scheduler=make_scheduler("ddpm", recipe.scheduler_config()),
-        data=InMemoryData(latents, captions, **(extra_data or {})), config=config, out_dir=work / name,
-        plugins=[_Pacer(ThreadGovernor(log), log, steps, label=name), *extra_plugins],
+        data=InMemoryData(latents, captions, **extra_data), config=config, out_dir=work / name,
+        plugins=[_Pacer(ThreadGovernor(log, fixed=threads), log, steps, label=name), *extra_plugins],
     )
     t0 = time.time()
     trainer.train(resume=True)
@@ -272,13 +304,30 @@ def _train_jointly(
     text_encoder.load_state_dict(states[1])
 
 
+def stage4_plugins(recipe: ShapesRecipe, images: torch.Tensor, latent_size: int) -> tuple[list[Plugin], dict[str, torch.Tensor]]:
+    """Stage 4's training plugins and the per-row data they read: the caption probe and the object-weighted loss
+    when the recipe turns them on (v2), nothing for v1."""
+    plugins: list[Plugin] = []
+    extra: dict[str, torch.Tensor] = {}
+    if recipe.unet_probe_weight > 0:
+        plugins.append(CaptionProbe(recipe.text_hidden_size, recipe.unet_probe_weight, recipe.unet_probe_attributes,
+                                    seed=recipe.seed))
+    if recipe.unet_object_weight > 0:
+        plugins.append(ObjectWeightedLoss(recipe.unet_object_weight))
+        extra[MASK_KEY] = object_masks(images, latent_size)
+    return plugins, extra
+
+
 def train_unet(
-    work: Path, recipe: ShapesRecipe, latents: torch.Tensor, captions: list[str], tokenizer: Any, log: Log
+    work: Path, recipe: ShapesRecipe, latents: torch.Tensor, captions: list[str], tokenizer: Any, log: Log,
+    *, images: Optional[torch.Tensor] = None, device: torch.device = torch.device("cpu"),
+    threads: Optional[int] = None,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Stage 4: text encoder and UNet trained jointly from scratch (v-prediction, zero terminal SNR).
 
     Returns the EMA weights, which are also kept as ``work/base-unet.safetensors`` and
-    ``work/base-text-encoder.safetensors``: with those present the stage is done.
+    ``work/base-text-encoder.safetensors``: with those present the stage is done. ``images`` (the scenes of
+    ``latents``) are needed when the recipe weights the loss towards objects.
     """
     torch.manual_seed(recipe.seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**recipe.text_config(tokenizer)))
@@ -288,8 +337,14 @@ def train_unet(
         unet.load_state_dict(load_state_dict(unet_file))
         text_encoder.load_state_dict(load_state_dict(text_file))
         return unet, text_encoder
+    unet, text_encoder = unet.to(device), text_encoder.to(device)
+    if recipe.unet_object_weight > 0 and images is None:
+        raise ValueError("train_unet: the recipe's object-weighted loss needs the scenes (images=...)")
+    plugins, extra = stage4_plugins(recipe, images if images is not None else latents, latents.shape[-1])
     _train_jointly(work, recipe, "unet", unet, text_encoder, tokenizer, latents, captions, log,
-                   steps=recipe.unet_steps, lr=recipe.unet_lr, warmup_steps=recipe.unet_warmup_steps, seed=recipe.seed)
+                   steps=recipe.unet_steps, lr=recipe.unet_lr, warmup_steps=recipe.unet_warmup_steps, seed=recipe.seed,
+                   extra_plugins=plugins, extra_data=extra, threads=threads)
+    unet, text_encoder = unet.cpu(), text_encoder.cpu()
     save_state_dict(unet.state_dict(), unet_file)
     save_state_dict(text_encoder.state_dict(), text_file)
     return unet, text_encoder
@@ -345,13 +400,71 @@ def _ship(target: Path, recipe: ShapesRecipe, *, unet: torch.nn.Module, vae: tor
                          tokenizer=tokenizer, scheduler_config=recipe.scheduler_config())
 
 
-def train_stage5(work: Path, recipe: ShapesRecipe, target: Path, log: Log) -> Path:
-    """Stages 1-5, written as a pipeline folder (in the ship dtype) to ``target``."""
-    images, captions = render_dataset(work, recipe, log)
-    vae = train_vae(work, recipe, images, log)
-    mean, _, scaling = encode_dataset(work, vae, images, log)
+def _stages_1_to_3(work: Path, recipe: ShapesRecipe, log: Log, device: torch.device) -> tuple[Any, ...]:
+    """Data, VAE and latents: ``(images, captions, vae, latent means, scaling factor, tokenizer)``."""
+    style = CaptionStyle(p_two=recipe.unet_p_two, p_position=recipe.unet_p_position)
+    images, captions = render_dataset(work, recipe, log, style=style)
+    if recipe.vae_source == "packaged":
+        vae = packaged_vae().to(device)
+        scaling = float(vae.config.scaling_factor)
+        mean, _, _ = encode_dataset(work, vae, images, log)
+    else:
+        vae = train_vae(work, recipe, images, log, device)
+        mean, _, scaling = encode_dataset(work, vae, images, log)
     tokenizer = load_tokenizer(build_tokenizer(work / "tokenizer"))
-    unet, text_encoder = train_unet(work, recipe, mean * scaling, captions, tokenizer, log)
+    return images, captions, vae, mean, scaling, tokenizer
+
+
+class _Clock(Plugin):
+    """Records when each training step starts (the loss read of the step before synchronises the device)."""
+
+    name = "shapes-clock"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks: list[float] = []
+
+    @hookimpl
+    def diffsteer_train_batch(self, trainer: Any, batch: Any) -> None:
+        self.marks.append(time.perf_counter())
+
+
+def time_stage4(out: Path, recipe: ShapesRecipe, log: Log = print, *, device: Union[str, torch.device] = "cpu",
+                threads: Optional[int] = None, steps: int = 24) -> float:
+    """Seconds per stage-4 step of ``recipe`` on ``device``, from ``steps`` throw-away steps after stages 1-3.
+
+    Stages 1-3 are cached in ``out/work`` as in a real run, so ``diffsteer train shapes`` on the same folder
+    then starts at stage 4; ``recipe.json`` is not written, so the real run may set ``unet_steps`` from the
+    figure. The first third of the steps (warm-up, allocator growth) is not counted.
+    """
+    device = torch.device(device)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    images, captions, _, mean, scaling, tokenizer = _stages_1_to_3(work, recipe, log, device)
+    torch.manual_seed(recipe.seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**recipe.text_config(tokenizer))).to(device)
+    unet = UNet2DConditionModel.from_config(recipe.unet_config(mean.shape[-1])).to(device)
+    plugins, extra = stage4_plugins(recipe, images, mean.shape[-1])
+    clock = _Clock()
+    timed = recipe.model_copy(update={"checkpoint_every": steps + 1})
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        _train_jointly(Path(scratch), timed, "timing", unet, text_encoder, tokenizer, mean * scaling, captions, log,
+                       steps=steps, lr=recipe.unet_lr, warmup_steps=0, seed=recipe.seed,
+                       extra_plugins=[clock, *plugins], extra_data=extra, threads=threads)
+    first = steps // 3
+    seconds = (clock.marks[-1] - clock.marks[first]) / (len(clock.marks) - 1 - first)
+    log(f"stage 4 on {device}: {seconds:.4f} s per step (batch {recipe.unet_batch_size})")
+    return seconds
+
+
+def train_stage5(work: Path, recipe: ShapesRecipe, target: Path, log: Log, *,
+                 device: torch.device = torch.device("cpu"), threads: Optional[int] = None) -> Path:
+    """Stages 1-5, written as a pipeline folder (in the ship dtype) to ``target``."""
+    images, captions, vae, mean, scaling, tokenizer = _stages_1_to_3(work, recipe, log, device)
+    unet, text_encoder = train_unet(work, recipe, mean * scaling, captions, tokenizer, log, images=images,
+                                    device=device, threads=threads)
     if recipe.refine_steps:
         style = CaptionStyle(p_two=recipe.refine_p_two, p_position=recipe.refine_p_position)
         images, captions = render_dataset(work, recipe, log, name="refine-data", n_images=recipe.refine_n_images,
@@ -360,29 +473,34 @@ def train_stage5(work: Path, recipe: ShapesRecipe, target: Path, log: Log) -> Pa
         mean, _, _ = encode_dataset(work, vae, images, log, name="refine-latents")
         unet, text_encoder = refine_models(work, recipe, unet, text_encoder, mean * scaling, captions, tokenizer, log)
     shipped_vae = AutoencoderKL.from_config({**recipe.vae_config(), "scaling_factor": scaling})
-    shipped_vae.load_state_dict(vae.state_dict())
+    shipped_vae.load_state_dict(vae.cpu().state_dict())
     return _ship(target, recipe, unet=unet, vae=shipped_vae, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
-def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = print) -> Path:
+def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = print, *,
+                 device: Union[str, torch.device] = "cpu", threads: Optional[int] = None) -> Path:
     """Run (or resume) every stage and write the finished pipeline folder to ``out / "model"``.
 
     With stage 6 on, stages 1-5 end in ``out/work/stage5-model``; once that folder exists they are not re-run.
+    ``device`` is where the networks train (the data is rendered on the CPU); ``threads`` fixes the torch
+    thread count instead of letting the recipe follow the machine's load.
     """
+    device = torch.device(device)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     recipe_file = work / "recipe.json"
     if recipe_file.is_file() and json.loads(recipe_file.read_text()) != recipe.model_dump(mode="json"):
         raise ValueError(f"{recipe_file}: this folder holds a run of another recipe; use a new --out")
-    recipe_file.write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
-    log(f"recipe: {recipe.model_dump(mode='json')}")
+    with atomic_file(recipe_file) as tmp:
+        tmp.write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
+    log(f"recipe: {recipe.model_dump(mode='json')} on {device}")
     if not recipe.bind_steps:
-        model = train_stage5(work, recipe, out / "model", log)
+        model = train_stage5(work, recipe, out / "model", log, device=device, threads=threads)
         log(f"model written to {model} ({recipe.ship_dtype})")
         return model
     stage5 = work / "stage5-model"
     if not (stage5 / "model_index.json").is_file():
-        train_stage5(work, recipe, stage5, log)
+        train_stage5(work, recipe, stage5, log, device=device, threads=threads)
         log(f"stage-5 model written to {stage5} ({recipe.ship_dtype})")
     parts = bind_models(work, recipe, stage5, log)
     # The VAE goes back to the dtype it was packaged in, bit for bit.

@@ -260,6 +260,8 @@ def load_tokenizer(directory: str | os.PathLike[str] | None = None):  # -> trans
     if directory is None:
         directory = Path(tempfile.mkdtemp(prefix="diffsteer-shapes-tok-")) / "tokenizer"
     directory = Path(directory)
-    if not (directory / "vocab.json").is_file():
+    # A saved tokenizer holds vocab.json (slow format) or tokenizer.json (fast format, as transformers 5 saves
+    # the packaged one); only a folder with neither is built.
+    if not any((directory / name).is_file() for name in ("vocab.json", "tokenizer.json")):
         build_tokenizer(directory)
     return CLIPTokenizer.from_pretrained(str(directory))
