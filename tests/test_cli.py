@@ -145,3 +145,98 @@ def test_generate_reports_a_missing_plugin_before_loading_the_model(tmp_path, ca
     assert code == 2
     assert "'nonesuch' is not installed" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def _outline(path):
+    from diffsteer.shapes import Scene, ShapeObject, render_outline
+
+    render_outline(Scene([ShapeObject("circle", "red", 0.3, 0.5, 0.2)], "white")).save(path)
+
+
+def test_from_finds_a_control_image_from_another_folder_and_refuses_a_changed_one(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("diffsteer_controlnet")
+    first, second = tmp_path / "made-here", tmp_path / "rerun-here"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    _outline(first / "outline.png")
+    assert main(["generate", "a red circle", "--steps", "1", "--seed", "2", "--plugin", "controlnet",
+                 "--set", "controlnet.model=shapes-outline", "--set", "controlnet.image=outline.png",
+                 "-o", "a.png", "-q"]) == 0
+    params = read_parameters(first / "a.png")
+    image = str((first / "outline.png").resolve())
+    assert params["plugins"][0]["settings"]["image"] == image  # recorded absolute, with its hash
+    assert params["files"][image].startswith("sha256:") and len(params["files"][image]) == 71
+    monkeypatch.chdir(second)
+    assert main(["generate", "--from", str(first / "a.png"), "-o", "b.png", "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(first / "a.png")), np.asarray(Image.open(second / "b.png")))
+
+    recorded = params["files"][image]
+    Image.open(first / "outline.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(first / "outline.png")
+    capsys.readouterr()
+    assert main(["generate", "--from", str(first / "a.png"), "-o", "c.png", "-q"]) == 2
+    err = capsys.readouterr().err
+    now = "sha256:" + __import__("hashlib").sha256((first / "outline.png").read_bytes()).hexdigest()
+    assert f"error: {image}: changed since" in err and recorded in err and now in err
+    assert not (second / "c.png").exists()
+    (first / "outline.png").unlink()
+    assert main(["generate", "--from", str(first / "a.png"), "-o", "c.png", "-q"]) == 2
+    assert f"{image}: recorded in" in capsys.readouterr().err
+
+
+def test_from_applies_overrides_and_records_them(tiny_sd1, tmp_path):
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    assert main(["generate", "a red circle", "--model", str(tiny_sd1), "--steps", "2", "--seed", "1", "-o", str(a),
+                 "-q"]) == 0
+    assert main(["generate", "--from", str(a), "--seed", "9", "--steps", "1", "-o", str(b), "-q"]) == 0
+    assert main(["generate", "a red circle", "--model", str(tiny_sd1), "--steps", "1", "--seed", "9", "-o", str(c),
+                 "-q"]) == 0
+    params = read_parameters(b)
+    assert params["seed"] == 9 and params["steps"] == 1 and params["prompt"] == "a red circle"
+    assert params["from"] == {"image": str(a.resolve()), "overrides": ["seed", "steps"]}
+    assert np.array_equal(np.asarray(Image.open(b)), np.asarray(Image.open(c)))  # the override took effect
+
+
+def test_from_refuses_a_changed_model_folder(tiny_sd1, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd1, model)
+    out = tmp_path / "a.png"
+    assert main(["generate", "a red circle", "--model", str(model), "--steps", "1", "--seed", "1", "-o", str(out),
+                 "-q"]) == 0
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace("{", '{"steps_offset": 0, ', 1))
+    capsys.readouterr()
+    assert main(["generate", "--from", str(out), "-o", str(tmp_path / "b.png"), "-q"]) == 2
+    assert f"{model}: changed since" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".webp"])
+def test_other_formats_are_written_as_named_and_carry_the_parameters(tiny_sd1, tmp_path, suffix):
+    out = tmp_path / f"a{suffix}"
+    assert main(["generate", "a red circle", "--model", str(tiny_sd1), "--steps", "1", "--seed", "4", "-o", str(out),
+                 "-q"]) == 0
+    with Image.open(out) as im:
+        assert im.format == {".jpg": "JPEG", ".webp": "WEBP"}[suffix]
+    assert read_parameters(out)["seed"] == 4
+    assert main(["generate", "--from", str(out), "-o", str(tmp_path / "b.png"), "-q"]) == 0
+    assert read_parameters(tmp_path / "b.png")["seed"] == 4
+
+
+def test_img2img_from_the_command_line(tiny_sd1, tmp_path, capsys):
+    start = tmp_path / "start.png"
+    Image.fromarray(np.full((40, 36, 3), 200, dtype=np.uint8)).save(start)
+    out = tmp_path / "a.png"
+    assert main(["generate", "a red circle", "--model", str(tiny_sd1), "--steps", "4", "--seed", "0", "--image",
+                 str(start), "--strength", "0.5", "-o", str(out), "-q"]) == 0
+    params = read_parameters(out)
+    assert params["image"] == str(start.resolve()) and params["strength"] == 0.5
+    assert Image.open(out).size == (36, 40)  # the start image's size, rounded down to the VAE's multiple
+    assert main(["generate", "--from", str(out), "-o", str(tmp_path / "b.png"), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "b.png")))
+    # a lighter start image gives a lighter result: the image is really the starting point
+    Image.fromarray(np.full((40, 36, 3), 30, dtype=np.uint8)).save(tmp_path / "dark.png")
+    assert main(["generate", "a red circle", "--model", str(tiny_sd1), "--steps", "4", "--seed", "0", "--image",
+                 str(tmp_path / "dark.png"), "--strength", "0.5", "-o", str(tmp_path / "d.png"), "-q"]) == 0
+    assert np.asarray(Image.open(out)).mean() > np.asarray(Image.open(tmp_path / "d.png")).mean()

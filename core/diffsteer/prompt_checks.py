@@ -95,7 +95,7 @@ def warn_about_prompts(call: "GenerationCall") -> None:
     limit = call.text.max_length
     for label, prompt in prompts:
         if not encodes:
-            length = len(tokenizer(prompt, truncation=False)["input_ids"])
+            length = len(tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
             if length > limit:
                 _warn(
                     f"{label} is {length} tokens long and the text encoder reads {limit}: the end is cut off "
