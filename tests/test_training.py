@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 from typing import Any
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -304,8 +307,12 @@ class Crash(Plugin):
 
 RESUME_CFG = dict(
     steps=8, batch_size=2, grad_accum=2, ema_decay=0.9, caption_dropout=0.3, warmup_steps=2,
-    lr_schedule="cosine", checkpoint_every=3, train_text_encoder=True, seed=7,
+    lr_schedule="cosine", checkpoint_every=3, train_text_encoder=True, seed=7, log_every=1,
 )
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_resume_after_interruption_equals_the_uninterrupted_run(tok_dir, tmp_path):
@@ -316,6 +323,10 @@ def test_resume_after_interruption_equals_the_uninterrupted_run(tok_dir, tmp_pat
         make_trainer(tok_dir, tmp_path / "cut", plugins=[Crash(at_step=5)], **RESUME_CFG).train()
     ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
     assert ckpts == ["step-00000003"]
+    log = tmp_path / "cut" / "train_log.jsonl"
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    with open(log, "a") as f:
+        f.write('{"step": 6, "lo')  # a record cut short by the kill
     with pytest.raises(TrainingError, match="already holds checkpoints.*resume=True"):
         make_trainer(tok_dir, tmp_path / "cut", **RESUME_CFG).train()
 
@@ -326,6 +337,9 @@ def test_resume_after_interruption_equals_the_uninterrupted_run(tok_dir, tmp_pat
         assert torch.equal(p, resumed_trainer.trainable[name]), name
     for name, e in full.ema.state_dict().items():
         assert torch.equal(e, resumed_trainer.ema.state_dict()[name]), name
+    # The log was cut back to step 3 and continued: one record per step, the same bytes as the whole run's;
+    # so are the checkpoints, their AdamW and RNG states included.
+    assert files(tmp_path / "cut") == files(tmp_path / "full")
     # a different trajectory setting cannot silently continue the run
     changed_cfg = {**RESUME_CFG, "lr": 5e-4, "steps": 9}
     with pytest.raises(TrainingError, match=r"config changed \(lr: checkpoint 0.001, now 0.0005\)"):
@@ -348,6 +362,33 @@ def test_a_failed_checkpoint_write_leaves_no_partial_directory(tok_dir, tmp_path
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]
     monkeypatch.setattr(torch, "save", real_save)
     assert make_trainer(tok_dir, tmp_path, steps=3).train(resume=True).steps == 3
+
+
+def test_global_rngs_are_seeded_for_the_run_and_given_back(tok_dir, tmp_path):
+    def global_states() -> tuple:
+        return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+    rng_files = []
+    for k, seed in enumerate((3, 3, 4)):
+        trainer = make_trainer(tok_dir, tmp_path / str(k), steps=2, seed=seed)
+        torch.manual_seed(100 + k)  # whatever the caller's states, the run's come from its seed
+        np.random.seed(100 + k)
+        random.seed(100 + k)
+        before = global_states()
+        trainer.train()
+        after = global_states()
+        assert torch.equal(after[0], before[0]) and (after[1] == before[1]).all() and after[2] == before[2]
+        rng_files.append((tmp_path / str(k) / "checkpoints" / "step-00000002" / "rng.pt").read_bytes())
+    assert rng_files[0] == rng_files[1] != rng_files[2]
+
+
+def test_resume_prunes_the_checkpoint_a_kill_kept(tok_dir, tmp_path):
+    make_trainer(tok_dir, tmp_path, steps=3, checkpoint_every=1).train()
+    ckpts = tmp_path / "checkpoints"
+    # killed after step 3's checkpoint was renamed into place, before step 1's was pruned
+    shutil.copytree(ckpts / "step-00000002", ckpts / "step-00000001")
+    assert make_trainer(tok_dir, tmp_path, steps=3, checkpoint_every=1).train(resume=True).steps == 3
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000003"]
 
 
 # -- data parallel ----------------------------------------------------------------------------------------

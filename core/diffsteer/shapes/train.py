@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, remove_stale_temporaries
 from ..hookspecs import hookimpl
 from ..loading.pipeline_loader import PipelineParts, load_pipeline_parts, shipped_model_dir
 from ..loading.pipeline_writer import save_pipeline
@@ -488,6 +488,7 @@ def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = pr
     device = torch.device(device)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # what a killed run's atomic writes left
     recipe_file = work / "recipe.json"
     if recipe_file.is_file() and json.loads(recipe_file.read_text()) != recipe.model_dump(mode="json"):
         raise ValueError(f"{recipe_file}: this folder holds a run of another recipe; use a new --out")

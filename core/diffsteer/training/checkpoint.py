@@ -5,11 +5,13 @@ Layout of ``<out_dir>/checkpoints/step-00000100/``::
     trainable.safetensors   the trained parameters (frozen ones are rebuilt by the script, not saved)
     ema.safetensors         their EMA, when enabled
     optimizer.pt            AdamW state (tensors and numbers only: loaded with weights_only=True)
-    rng.pt                  torch (CPU and CUDA), numpy and python RNG states
+    rng.pt                  torch (CPU and CUDA), numpy and python global RNG states (seeded from the config's
+                            seed when the run starts, so two runs of one config write identical files)
     trainer_state.json      step, loss history, config, parameter names
 
 A checkpoint is written into a hidden temp directory next to its final place and renamed into place
-only when complete, so a crash mid-write leaves either the whole checkpoint or none of it.
+only when complete (:func:`diffsteer.atomic.atomic_directory`), so a crash mid-write leaves either the
+whole checkpoint or none of it, plus a temporary that the next run's cleaning removes.
 """
 
 from __future__ import annotations
@@ -35,15 +37,6 @@ _NAME = re.compile(r"^step-(\d{8,})$")
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def remove_stale_temporaries(root: Path) -> None:
-    """Delete temp directories that a killed writer left in ``root`` (they are never valid checkpoints)."""
-    if not root.is_dir():
-        return
-    for path in root.iterdir():
-        if path.name.startswith(".step-") and (".tmp-" in path.name or ".old-" in path.name):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -77,8 +70,9 @@ def prune_checkpoints(root: Path, keep: Optional[int]) -> None:
 def capture_rng() -> dict[str, Any]:
     """Global RNG states, as tensors and plain values (loadable with weights_only=True).
 
-    The trainer's own draws do not use them (see :mod:`.randomness`); they are saved so that plugins
-    and models that do draw from global RNGs also continue as they would have.
+    The trainer's own draws do not use them (see :mod:`.randomness`), and neither do the shipped
+    models (their dropout is 0) or training plugins; they are saved so that a plugin or model that does
+    draw from them (dropout > 0) also continues as it would have.
     """
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Mapping, Option
 import torch
 from tqdm import tqdm
 
+from ..atomic import atomic_file, remove_stale_temporaries
 from ..branches import BranchLayout
 from ..call import UNetInputs
 from ..plugins import Plugin, PluginSpec, make_manager, resolve_plugins
@@ -25,8 +26,8 @@ from .checkpoint import (
     atomic_directory,
     capture_rng,
     latest_checkpoint,
+    prune_checkpoints,
     read_checkpoint,
-    remove_stale_temporaries,
     restore_rng,
     write_checkpoint,
 )
@@ -36,7 +37,7 @@ from .errors import TrainingError
 from .loss import TrainOutputs, row_mse, training_target
 from .lr_schedule import lr_factor
 from .params import ParamGroup, as_group, name_parameters
-from .randomness import DataOrder, draw_rows
+from .randomness import DataOrder, draw_rows, seed_global_rngs
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -189,10 +190,20 @@ class DiffusionTrainer:
 
         Without ``resume``, an ``out_dir`` that already holds checkpoints is refused rather than mixed
         with a new run. Returns the loss of every step, and (main process) the last checkpoint and export.
+
+        A run killed at any point (``kill -9`` included) and started again with ``resume`` ends as the
+        uninterrupted run ends, bit for bit: the start deletes the temporaries the killed writers left in
+        ``out_dir`` (:func:`~diffsteer.atomic.remove_stale_temporaries`), continues from the newest
+        complete checkpoint and cuts ``train_log.jsonl`` back to its step. The process-wide RNGs are
+        seeded from ``config.seed`` (or restored from the checkpoint) for the run, and given back to
+        the caller as they were when it returns.
         """
         cfg, proc = self.config, self.process
         if proc.is_main:
-            remove_stale_temporaries(self.checkpoint_dir)
+            remove_stale_temporaries(self.out_dir)
+            if resume:
+                # A kill between a checkpoint's rename and the pruning leaves one too many.
+                prune_checkpoints(self.checkpoint_dir, cfg.keep_checkpoints)
         ddp.barrier(proc.world_size)
         latest = latest_checkpoint(self.checkpoint_dir)
         if latest is not None and not resume:
@@ -200,8 +211,20 @@ class DiffusionTrainer:
                 f"{self.out_dir} already holds checkpoints (latest {latest.name}); pass resume=True to "
                 "continue that run, or choose an empty out_dir"
             )
-        if latest is not None:
-            self._restore(latest)
+        callers_rng = capture_rng()
+        try:
+            if latest is not None:
+                self._restore(latest)
+            else:
+                seed_global_rngs(cfg.seed)
+            if proc.is_main:
+                self._truncate_log()
+            return self._run(latest)
+        finally:
+            restore_rng(callers_rng)
+
+    def _run(self, latest: Optional[Path]) -> TrainResult:
+        cfg, proc = self.config, self.process
         # The same start in every process, whatever each one loaded or initialised.
         ddp.broadcast_parameters(self._params, proc.world_size)
 
@@ -485,6 +508,32 @@ class DiffusionTrainer:
         self.losses = [float(x) for x in ckpt.state.get("losses", [])][: self.step]
         self.grad_norms = [float(x) for x in ckpt.state.get("grad_norms", [])][: self.step]
         restore_rng(ckpt.rng)
+
+    def _truncate_log(self) -> None:
+        """Keep one record per step up to ``self.step``: a killed run logged steps its checkpoint does not hold.
+
+        A line cut short by the kill is dropped too; of repeated steps (logs of older versions) the last stays.
+        """
+        path = self.out_dir / LOG_FILE
+        if not path.is_file():
+            return
+        text = path.read_text()
+        records: dict[int, str] = {}
+        for line in text.splitlines():
+            try:
+                step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(step, int) and step <= self.step:
+                records[step] = line
+        kept = "".join(records[k] + "\n" for k in sorted(records))
+        if kept == text:
+            return
+        if not kept:
+            path.unlink()
+            return
+        with atomic_file(path) as tmp:
+            tmp.write_text(kept)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.is_main:

@@ -4,10 +4,14 @@ Every random choice of a training step (which examples, which timesteps, which n
 drop) is a pure function of the run's seed, the optimizer step and the row's key. So a resumed run
 redraws exactly what the uninterrupted one drew, and a row gets the same noise whichever process, or
 which micro-step, handles it.
+
+The process-wide generators (torch's default ones, numpy's and Python's ``random``) are seeded from the
+run's seed too (:func:`seed_global_rngs`), for plugins and models that draw from them (dropout).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -17,6 +21,7 @@ import torch
 # Distinct streams, so that e.g. the data order of epoch 3 never shares a seed with row 3's noise.
 _ORDER_STREAM = 1
 _ROW_STREAM = 2
+_GLOBAL_STREAM = 3
 # Larger datasets are read in order: a permutation of them would not fit in memory, and data that
 # large is procedural (ShapesDataset's "unlimited" length is 2**31 - 1), so shuffling gains nothing.
 MAX_SHUFFLED = 1 << 24
@@ -31,6 +36,14 @@ def derive_seed(*words: int) -> int:
 def generator(*words: int) -> torch.Generator:
     """A CPU generator seeded from :func:`derive_seed`."""
     return torch.Generator().manual_seed(derive_seed(*words))
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed torch's default generators (CPU and every CUDA device), numpy's and Python's global RNGs."""
+    value = derive_seed(seed, _GLOBAL_STREAM)
+    torch.manual_seed(value)
+    np.random.seed(value & 0xFFFFFFFF)  # numpy takes 32 bits
+    random.seed(value)
 
 
 class DataOrder:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from diffsteer import Plugin, hookimpl
-from diffsteer.atomic import atomic_file
+from diffsteer.atomic import atomic_file, remove_stale_temporaries
 from diffsteer.loading.weights import load_state_dict, save_state_dict
 from diffsteer.training import InMemoryData, ParamGroup
 
@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # before the data cache is read: a killed run may have left its temporaries
     pipe = Pipeline.from_pretrained(args.model)
     log(f"options: {json.dumps(vars(args), default=str)}")
     data = build_shapes_data(pipe, args.images, seed=args.seed, conditioning=args.conditioning,

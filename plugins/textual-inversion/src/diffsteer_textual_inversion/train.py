@@ -169,7 +169,8 @@ def train_embedding(
     The VAE encodes the images once (posterior means); the trainer then sees latents only. The model is loaded
     fresh, so no pipeline in use is changed. ``out_dir`` gets ``checkpoints/``, ``final/`` and
     ``learned_embeds.safetensors`` (atomically); a second run with ``resume=True`` continues from the newest
-    checkpoint and ends where an uninterrupted run ends.
+    checkpoint and ends where an uninterrupted run ends, even after ``kill -9``: the trainer's start removes what
+    killed writes left in ``out_dir``.
     """
     from diffsteer.loading.pipeline_loader import load_pipeline_parts
     from diffsteer.schedulers import make_scheduler
@@ -216,6 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--log-every", type=int, default=10, help="steps between OUT/train_log.jsonl records")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out has checkpoints")
 
@@ -228,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-            checkpoint_every=args.checkpoint_every, progress=True,
+            checkpoint_every=args.checkpoint_every, log_every=args.log_every, progress=True,
         )
     except ValueError as exc:
         raise PluginError(PLUGIN, f"bad training option: {exc}") from None
