@@ -18,10 +18,10 @@ from diffusers.utils.torch_utils import randn_tensor as diffusers_randn_tensor  
 from diffsteer.models import (  # noqa: E402
     AutoencoderKL,
     AutoencoderKLConfig,
+    ForwardContext,
     UNet2DConditionModel,
     UNetConfig,
     randn_tensor,
-    use_attention_processors,
 )
 from diffsteer.testing import residual_shapes  # noqa: E402
 
@@ -265,15 +265,14 @@ def test_unet_attention_layers_are_named_and_routed() -> None:
 
     seen: list[str] = []
 
-    def spy(attn, hidden_states, encoder_hidden_states):
+    def spy(attn, hidden_states, encoder_hidden_states, context):
         seen.append(attn.name)
-        q, k, v = attn.project_qkv(hidden_states, encoder_hidden_states)
-        return attn.project_out(attn.attend(q, k, v))
+        q, k, v = attn.project_qkv(hidden_states, encoder_hidden_states, context)
+        return attn.project_out(attn.attend(q, k, v), context)
 
     sample, text = inputs(SD2_TINY)
     plain = ours(sample, 7, text)
-    with use_attention_processors({n: spy for n in names}):
-        routed = ours(sample, 7, text)
+    routed = ours(sample, 7, text, context=ForwardContext(processors={n: spy for n in names}))
     assert sorted(seen) == sorted(names)
     assert torch.equal(routed, plain)
 

@@ -16,6 +16,7 @@ import torch
 
 from .errors import PluginError
 from .models.attention import Attention
+from .models.context import ForwardContext
 
 LayerSelector = Union[str, Sequence[str], Callable[[str], bool]]
 QKVEdit = Callable[[Attention, torch.Tensor, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
@@ -36,6 +37,10 @@ class AttentionPatch:
     * ``edit_probs(layer, probs) -> probs`` on softmax probabilities ``(batch, heads, q_tokens, k_tokens)``;
     * ``observe(layer, probs)`` sees the final probabilities (after every edit); it must not change them;
     * ``edit_output(layer, out) -> out`` on the projected output ``(batch, tokens, channels)``.
+
+    The callbacks run inside the UNet forward, so ``torch.compile`` traces them. There, keep what a callback
+    records in a fixed slot (a dict key, an attribute) and collect it in ``post_step``: appending to a list
+    makes dynamo guard on the list's length and compile again every step.
     """
 
     owner: str
@@ -65,9 +70,13 @@ class PatchedAttention:
         self.needs_probs = bool(self.probs_edits or self.observers)
 
     def __call__(
-        self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor]
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor],
+        context: Optional[ForwardContext] = None,
     ) -> torch.Tensor:
-        q, k, v = attn.project_qkv(hidden_states, encoder_hidden_states)
+        q, k, v = attn.project_qkv(hidden_states, encoder_hidden_states, context)
         for edit in self.qkv_edits:
             q, k, v = edit(attn, q, k, v)
         if self.needs_probs:
@@ -79,7 +88,7 @@ class PatchedAttention:
             heads_out = torch.matmul(probs.to(v.dtype), v)
         else:
             heads_out = attn.attend(q, k, v)
-        out = attn.project_out(heads_out)
+        out = attn.project_out(heads_out, context)
         for edit_out in self.output_edits:
             out = edit_out(attn.name, out)
         return out

@@ -10,6 +10,7 @@ import torch
 
 from .branches import BranchLayout, BranchPredictions
 from .errors import PluginError
+from .models.context import ForwardContext
 from .plugins import Plugin, plugin_label
 from .schedulers import Scheduler
 from .text import PromptEncoder, TokenTable, token_table_for
@@ -159,6 +160,8 @@ class GenerationCall:
         self.pass_name: str = ""
         #: the branch layout of the UNet pass running now (the main layout, or an extra pass's).
         self.pass_layout: Optional[BranchLayout] = None
+        #: what every UNet pass of this call hands the UNet: attention processors and weight patches.
+        self.unet_context: Optional[ForwardContext] = None
         #: what plugins report back to the caller, keyed by plugin name (``PipelineOutput.extras``).
         self.outputs: dict[str, Any] = {}
         self._state: dict[int, dict[str, Any]] = {}
@@ -259,6 +262,7 @@ class GenerationCall:
                 down_block_additional_residuals=_cast(inputs.down_residuals, self.dtype),
                 mid_block_additional_residual=None if inputs.mid_residual is None else inputs.mid_residual.to(self.dtype),
                 down_intrablock_additional_residuals=_cast(inputs.intrablock_residuals, self.dtype),
+                context=self.unet_context,
             )
         finally:
             self.pass_name, self.pass_layout = previous

@@ -14,7 +14,7 @@ from .branches import BranchLayout
 from .call import GenerationCall, GenerationRequest, StepState
 from .errors import GenerationError, RequestError
 from .images import ImageInput, postprocess, to_model_tensor
-from .models.attention import use_attention_processors
+from .models.context import ForwardContext
 from .models.random import randn_tensor
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
@@ -170,6 +170,16 @@ class Pipeline:
         """
         self.tokens.add_all(embeddings, owner=owner, tokenizer=self.tokenizer)
 
+    def compile(self, **kwargs: Any) -> "Pipeline":
+        """Compile the UNet with :func:`torch.compile` (``fullgraph=True`` unless ``kwargs`` say otherwise).
+
+        The same as ``pipe.unet = torch.compile(pipe.unet, fullgraph=True, **kwargs)``. Attention patches,
+        weight overrides and residuals reach the UNet as arguments, so plugin calls trace without graph
+        breaks; a new set of patched layers compiles once more. Returns the pipeline.
+        """
+        self.unet = torch.compile(self.unet, **{"fullgraph": True, **kwargs})  # type: ignore[assignment]
+        return self
+
     @property
     def default_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
@@ -322,37 +332,37 @@ class Pipeline:
 
         patches: list[AttentionPatch] = []
         call.hook.diffsteer_attention_patches(call=call, register=patches.append)
-        processors = compile_patches(patches, self.unet.attention_layers()) if patches else None
+        processors = compile_patches(patches, self.unet.attention_layers()) if patches else {}
 
-        with use_attention_processors(processors):
-            for index, t in enumerate(timesteps):
-                step = StepState(index=index, timestep=t, latents=latents, num_steps=len(timesteps))
-                call.step = step
-                call.hook.diffsteer_pre_step(call=call, step=step)
-                preds = call.predict(step.latents, t, pass_name="main")
-                call.hook.diffsteer_noise_prediction(call=call, step=step, predictions=preds)
-                guided = call.hook.diffsteer_combine_guidance(call=call, step=step, predictions=preds)
-                if guided is None:
-                    guided = (
-                        preds["uncond"] + req.guidance_scale * (preds["cond"] - preds["uncond"])
-                        if req.do_cfg
-                        else preds["cond"]
-                    )
-                for term in call.hook.diffsteer_guidance(call=call, step=step, predictions=preds):
-                    guided = guided + term
-                if req.do_cfg and req.guidance_rescale > 0:
-                    guided = rescale_guidance(guided, preds["cond"], req.guidance_rescale)
-                out = sched.step(guided, t, step.latents, generator=call.generator, **self._step_kwargs(req))
-                step.latents, step.prediction, step.pred_original = out.prev_sample, guided, out.pred_original_sample
-                call.hook.diffsteer_post_step(call=call, step=step)
-                latents = step.latents
-                if not torch.isfinite(latents).all():
-                    active = ", ".join(plugin_label(p) for p in call.plugins) or "none"
-                    raise GenerationError(
-                        f"latents became NaN or inf at step {index} (timestep {int(t)}); plugins: {active}"
-                    )
-                if progress is not None:
-                    progress(index + 1, len(timesteps))
+        call.unet_context = ForwardContext(processors=processors)
+        for index, t in enumerate(timesteps):
+            step = StepState(index=index, timestep=t, latents=latents, num_steps=len(timesteps))
+            call.step = step
+            call.hook.diffsteer_pre_step(call=call, step=step)
+            preds = call.predict(step.latents, t, pass_name="main")
+            call.hook.diffsteer_noise_prediction(call=call, step=step, predictions=preds)
+            guided = call.hook.diffsteer_combine_guidance(call=call, step=step, predictions=preds)
+            if guided is None:
+                guided = (
+                    preds["uncond"] + req.guidance_scale * (preds["cond"] - preds["uncond"])
+                    if req.do_cfg
+                    else preds["cond"]
+                )
+            for term in call.hook.diffsteer_guidance(call=call, step=step, predictions=preds):
+                guided = guided + term
+            if req.do_cfg and req.guidance_rescale > 0:
+                guided = rescale_guidance(guided, preds["cond"], req.guidance_rescale)
+            out = sched.step(guided, t, step.latents, generator=call.generator, **self._step_kwargs(req))
+            step.latents, step.prediction, step.pred_original = out.prev_sample, guided, out.pred_original_sample
+            call.hook.diffsteer_post_step(call=call, step=step)
+            latents = step.latents
+            if not torch.isfinite(latents).all():
+                active = ", ".join(plugin_label(p) for p in call.plugins) or "none"
+                raise GenerationError(
+                    f"latents became NaN or inf at step {index} (timestep {int(t)}); plugins: {active}"
+                )
+            if progress is not None:
+                progress(index + 1, len(timesteps))
 
         if req.output_type == "latent":
             return latents

@@ -1,6 +1,7 @@
 """diffsteer's own SD 1.x/2.x models; parameter names equal diffusers' state-dict keys."""
 
-from .attention import Attention, AttentionProcessor, name_attention_layers, use_attention_processors
+from .attention import Attention, AttentionProcessor, name_attention_layers
+from .context import ForwardContext, LowRank, WeightPatch
 from .configured import ConfiguredModel
 from .embeddings import TimestepEmbedding, Timesteps, broadcast_timestep, timestep_features
 from .random import randn_tensor
@@ -30,6 +31,8 @@ __all__ = [
     "CrossAttnUpBlock2D",
     "DiagonalGaussian",
     "DownBlock2D",
+    "ForwardContext",
+    "LowRank",
     "TimestepEmbedding",
     "Timesteps",
     "UNet2DConditionModel",
@@ -37,6 +40,7 @@ __all__ = [
     "UNetConfig",
     "UNetMidBlock2DCrossAttn",
     "UpBlock2D",
+    "WeightPatch",
     "broadcast_timestep",
     "build_down_block",
     "build_down_blocks",
@@ -48,5 +52,4 @@ __all__ = [
     "name_attention_layers",
     "randn_tensor",
     "timestep_features",
-    "use_attention_processors",
 ]

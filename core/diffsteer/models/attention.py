@@ -1,48 +1,40 @@
-"""The attention module shared by the UNet, the VAE and ControlNet, and the per-call processor slot.
+"""The attention module shared by the UNet, the VAE and ControlNet, and its per-call processor slot.
 
-Processors are looked up through a :class:`contextvars.ContextVar`, not stored on the module: one
-loaded model can serve concurrent generation calls from several threads, each with its own plugin
-set, and an unpatched layer pays one dict lookup, never a pluggy call.
+A layer's processor comes from the :class:`~diffsteer.models.context.ForwardContext` passed to its forward
+(keyed by the layer's ``name``), not from the module: one loaded model serves concurrent calls from several
+threads, each with its own plugin set, and ``torch.compile`` traces the look-up. A layer with no processor
+takes the fused SDPA path.
 """
 
 from __future__ import annotations
 
-import contextlib
-from contextvars import ContextVar
-from typing import Iterator, Mapping, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .context import ForwardContext, linear
+
 
 class AttentionProcessor(Protocol):
     """Computes one attention layer's output in place of the default SDPA path.
 
     It receives the :class:`Attention` module (for its projections and helpers), the layer input
-    ``hidden_states`` of shape ``(batch, tokens, channels)`` and ``encoder_hidden_states`` (``None`` for
-    self-attention), and returns the projected output with the shape of ``hidden_states``.
+    ``hidden_states`` of shape ``(batch, tokens, channels)``, ``encoder_hidden_states`` (``None`` for
+    self-attention) and the pass's ``context`` (hand it to :meth:`Attention.project_qkv` and
+    :meth:`Attention.project_out`, which apply its weight patches), and returns the projected output with
+    the shape of ``hidden_states``.
     """
 
     def __call__(
-        self, attn: "Attention", hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor]
+        self,
+        attn: "Attention",
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor],
+        context: Optional[ForwardContext],
     ) -> torch.Tensor: ...
-
-
-_PROCESSORS: ContextVar[Optional[Mapping[str, AttentionProcessor]]] = ContextVar(
-    "diffsteer_attention_processors", default=None
-)
-
-
-@contextlib.contextmanager
-def use_attention_processors(processors: Optional[Mapping[str, AttentionProcessor]]) -> Iterator[None]:
-    """Route the attention layers named in ``processors`` (module paths) through them for this context."""
-    token = _PROCESSORS.set(processors or None)
-    try:
-        yield
-    finally:
-        _PROCESSORS.reset(token)
 
 
 class Attention(nn.Module):
@@ -88,13 +80,16 @@ class Attention(nn.Module):
 
     # -- pieces a processor can reuse -------------------------------------------------------------
     def project_qkv(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor]
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor],
+        context: Optional[ForwardContext] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project to per-head ``(batch, heads, tokens, dim_head)`` query, key and value."""
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q = self.to_q(hidden_states)
-        k = self.to_k(context)
-        v = self.to_v(context)
+        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = linear(self.to_q, hidden_states, context)
+        k = linear(self.to_k, source, context)
+        v = linear(self.to_v, source, context)
         return (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))  # type: ignore[return-value]
 
     def attention_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -111,13 +106,16 @@ class Attention(nn.Module):
             return out.to(v.dtype)
         return F.scaled_dot_product_attention(q, k, v)
 
-    def project_out(self, heads_out: torch.Tensor) -> torch.Tensor:
+    def project_out(self, heads_out: torch.Tensor, context: Optional[ForwardContext] = None) -> torch.Tensor:
         """Merge heads and apply the output projection."""
-        return self.to_out[0](rearrange(heads_out, "b h n d -> b n (h d)"))
+        return linear(self.to_out[0], rearrange(heads_out, "b h n d -> b n (h d)"), context)
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        context: Optional[ForwardContext] = None,
     ) -> torch.Tensor:
         residual = hidden_states
         spatial = hidden_states.ndim == 4
@@ -127,13 +125,12 @@ class Attention(nn.Module):
         if self.group_norm is not None:
             hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        processors = _PROCESSORS.get()
-        processor = processors.get(self.name) if processors else None
+        processor = context.processors.get(self.name) if context is not None and context.processors else None
         if processor is not None:
-            out = processor(self, hidden_states, encoder_hidden_states)
+            out = processor(self, hidden_states, encoder_hidden_states, context)
         else:
-            q, k, v = self.project_qkv(hidden_states, encoder_hidden_states)
-            out = self.project_out(self.attend(q, k, v))
+            q, k, v = self.project_qkv(hidden_states, encoder_hidden_states, context)
+            out = self.project_out(self.attend(q, k, v), context)
 
         if spatial:
             out = rearrange(out, "b (h w) c -> b c h w", h=h, w=w)

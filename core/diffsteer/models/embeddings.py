@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
+
+from .context import ForwardContext, linear
 
 TimestepLike = Union[int, float, torch.Tensor]
 
@@ -77,5 +79,5 @@ class TimestepEmbedding(nn.Module):
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(features)))
+    def forward(self, features: torch.Tensor, context: Optional[ForwardContext] = None) -> torch.Tensor:
+        return linear(self.linear_2, self.act(linear(self.linear_1, features, context)), context)

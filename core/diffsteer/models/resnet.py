@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .context import ForwardContext, conv, linear
+
 
 class ResnetBlock2D(nn.Module):
     """``GroupNorm -> SiLU -> conv`` twice, with the time embedding added between, plus a skip path.
@@ -43,12 +45,14 @@ class ResnetBlock2D(nn.Module):
             nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
         )
 
-    def forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        hidden = self.conv1(self.nonlinearity(self.norm1(input_tensor)))
+    def forward(
+        self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor] = None, context: Optional[ForwardContext] = None
+    ) -> torch.Tensor:
+        hidden = conv(self.conv1, self.nonlinearity(self.norm1(input_tensor)), context)
         if self.time_emb_proj is not None and temb is not None:
-            hidden = hidden + self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
-        hidden = self.conv2(self.dropout(self.nonlinearity(self.norm2(hidden))))
-        skip = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+            hidden = hidden + linear(self.time_emb_proj, self.nonlinearity(temb), context)[:, :, None, None]
+        hidden = conv(self.conv2, self.dropout(self.nonlinearity(self.norm2(hidden))), context)
+        skip = input_tensor if self.conv_shortcut is None else conv(self.conv_shortcut, input_tensor, context)
         out = skip + hidden
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
@@ -67,10 +71,10 @@ class Downsample2D(nn.Module):
         self.padding = padding
         self.conv = nn.Conv2d(channels, out_channels or channels, kernel_size=3, stride=2, padding=padding)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, context: Optional[ForwardContext] = None) -> torch.Tensor:
         if self.padding == 0:
             hidden_states = F.pad(hidden_states, (0, 1, 0, 1), mode="constant", value=0)
-        return self.conv(hidden_states)
+        return conv(self.conv, hidden_states, context)
 
 
 class Upsample2D(nn.Module):
@@ -81,7 +85,12 @@ class Upsample2D(nn.Module):
         self.channels = channels
         self.conv = nn.Conv2d(channels, out_channels or channels, kernel_size=3, padding=1)
 
-    def forward(self, hidden_states: torch.Tensor, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        output_size: Optional[Sequence[int]] = None,
+        context: Optional[ForwardContext] = None,
+    ) -> torch.Tensor:
         # PyTorch's nearest-upsample kernels fail on non-contiguous inputs with a batch >= 64 or > 2**31 outputs.
         if hidden_states.shape[0] >= 64 or hidden_states.numel() * 4 > 2**31:
             hidden_states = hidden_states.contiguous()
@@ -89,4 +98,4 @@ class Upsample2D(nn.Module):
             hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
         else:
             hidden_states = F.interpolate(hidden_states, size=tuple(output_size), mode="nearest")
-        return self.conv(hidden_states)
+        return conv(self.conv, hidden_states, context)

@@ -7,7 +7,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from typing import Optional
+
 from .attention import Attention
+from .context import ForwardContext, conv, linear
 
 
 class GEGLU(nn.Module):
@@ -17,8 +20,8 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(hidden_states).chunk(2, dim=-1)
+    def forward(self, hidden_states: torch.Tensor, context: Optional[ForwardContext] = None) -> torch.Tensor:
+        value, gate = linear(self.proj, hidden_states, context).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
 
@@ -30,10 +33,9 @@ class FeedForward(nn.Module):
         inner_dim = dim * mult
         self.net = nn.ModuleList([GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim)])
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            hidden_states = layer(hidden_states)
-        return hidden_states
+    def forward(self, hidden_states: torch.Tensor, context: Optional[ForwardContext] = None) -> torch.Tensor:
+        geglu, dropout, out = self.net
+        return linear(out, dropout(geglu(hidden_states, context)), context)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -65,10 +67,12 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
         self.ff = FeedForward(dim, dropout=dropout)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.attn1(self.norm1(hidden_states)) + hidden_states
-        hidden_states = self.attn2(self.norm2(hidden_states), encoder_hidden_states) + hidden_states
-        return self.ff(self.norm3(hidden_states)) + hidden_states
+    def forward(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, context: Optional[ForwardContext] = None
+    ) -> torch.Tensor:
+        hidden_states = self.attn1(self.norm1(hidden_states), None, context) + hidden_states
+        hidden_states = self.attn2(self.norm2(hidden_states), encoder_hidden_states, context) + hidden_states
+        return self.ff(self.norm3(hidden_states), context) + hidden_states
 
 
 class SpatialTransformer(nn.Module):
@@ -119,23 +123,25 @@ class SpatialTransformer(nn.Module):
             else nn.Conv2d(inner_dim, in_channels, kernel_size=1)
         )
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, context: Optional[ForwardContext] = None
+    ) -> torch.Tensor:
         residual = hidden_states
         height, width = hidden_states.shape[-2:]
         hidden_states = self.norm(hidden_states)
         if self.use_linear_projection:
-            tokens = self.proj_in(rearrange(hidden_states, "b c h w -> b (h w) c"))
+            tokens = linear(self.proj_in, rearrange(hidden_states, "b c h w -> b (h w) c"), context)
         else:
-            tokens = rearrange(self.proj_in(hidden_states), "b c h w -> b (h w) c")
+            tokens = rearrange(conv(self.proj_in, hidden_states, context), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
-            tokens = block(tokens, encoder_hidden_states)
+            tokens = block(tokens, encoder_hidden_states, context)
         # The map goes back in the layout it came in (NCHW, or channels-last for a model moved to it): a
         # sum in the other layout would switch every later conv to it.
         layout = _layout(residual)
         if self.use_linear_projection:
-            out = self._to_map(self.proj_out(tokens), height, width, layout)
+            out = self._to_map(linear(self.proj_out, tokens, context), height, width, layout)
         else:
-            out = self.proj_out(self._to_map(tokens, height, width, layout))
+            out = conv(self.proj_out, self._to_map(tokens, height, width, layout), context)
         return out + residual
 
     @staticmethod

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .attention import name_attention_layers
+from .context import ForwardContext, conv, name_layers
 from .configured import ConfiguredModel
 from .embeddings import TimestepEmbedding, TimestepLike, Timesteps, broadcast_timestep
 from .unet_blocks import add_residual, build_down_blocks, build_mid_block, build_up_blocks
@@ -24,14 +25,18 @@ def build_time_embedding(config: UNetBackboneConfig) -> tuple[Timesteps, Timeste
 
 
 def embed_timestep(
-    time_proj: Timesteps, time_embedding: TimestepEmbedding, timestep: TimestepLike, sample: torch.Tensor
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    timestep: TimestepLike,
+    sample: torch.Tensor,
+    context: Optional[ForwardContext] = None,
 ) -> torch.Tensor:
     """The ``(batch, time_embed_dim)`` embedding of ``timestep`` broadcast to ``sample``'s batch.
 
     The sinusoid is computed in float32 and cast to ``sample.dtype`` before the MLP, as diffusers does.
     """
     timesteps = broadcast_timestep(timestep, sample.shape[0], sample.device)
-    return time_embedding(time_proj(timesteps).to(dtype=sample.dtype))
+    return time_embedding(time_proj(timesteps).to(dtype=sample.dtype), context)
 
 
 class UNet2DConditionModel(ConfiguredModel[UNetConfig]):
@@ -65,11 +70,16 @@ class UNet2DConditionModel(ConfiguredModel[UNetConfig]):
         # Listed in forward order (down, mid, up), not registration order.
         stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
         self._attention_layers = sorted(name_attention_layers(self), key=lambda name: stage[name.split(".")[0]])
+        self._weight_layers = name_layers(self)
 
     # -- introspection ----------------------------------------------------------------------------------
     def attention_layers(self) -> list[str]:
         """Module paths of all attention layers in forward order: down blocks, mid block, up blocks."""
         return list(self._attention_layers)
+
+    def weight_layers(self) -> list[str]:
+        """Module paths of the linears and convolutions that a :class:`ForwardContext` can patch."""
+        return list(self._weight_layers)
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward(
@@ -81,6 +91,7 @@ class UNet2DConditionModel(ConfiguredModel[UNetConfig]):
         down_block_additional_residuals: Optional[Sequence[torch.Tensor]] = None,
         mid_block_additional_residual: Optional[torch.Tensor] = None,
         down_intrablock_additional_residuals: Optional[Sequence[torch.Tensor]] = None,
+        context: Optional[ForwardContext] = None,
     ) -> torch.Tensor:
         """Predict the model output (noise or v) for ``sample`` ``(B, in_channels, H, W)``.
 
@@ -93,6 +104,8 @@ class UNet2DConditionModel(ConfiguredModel[UNetConfig]):
             down_intrablock_additional_residuals: T2I-Adapter features, one per down block from the first
                 (a remaining one whose shape matches is added to the mid-block output, as for SDXL adapters).
                 The sequence is not modified.
+            context: this pass's attention processors and weight patches (see
+                :mod:`diffsteer.models.context`); ``None`` runs the plain model.
         """
         config = self._config
         # Sizes that don't divide by the total upsampling factor need the encoder's sizes forwarded to the
@@ -102,14 +115,16 @@ class UNet2DConditionModel(ConfiguredModel[UNetConfig]):
 
         if config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = embed_timestep(self.time_proj, self.time_embedding, timestep, sample)
-        sample = self.conv_in(sample)
+        emb = embed_timestep(self.time_proj, self.time_embedding, timestep, sample, context)
+        sample = conv(self.conv_in, sample, context)
 
         adapter = _Residuals(down_intrablock_additional_residuals)
         skips: tuple[torch.Tensor, ...] = (sample,)
         for block in self.down_blocks:
             residual = adapter.take() if adapter.remaining else None
-            sample, block_skips = block(sample, emb, encoder_hidden_states, additional_residual=residual)
+            sample, block_skips = block(
+                sample, emb, encoder_hidden_states, additional_residual=residual, context=context
+            )
             skips += block_skips
 
         if down_block_additional_residuals is not None:
@@ -123,7 +138,7 @@ class UNet2DConditionModel(ConfiguredModel[UNetConfig]):
                 for i, (skip, extra) in enumerate(zip(skips, down_block_additional_residuals))
             )
 
-        sample = self.mid_block(sample, emb, encoder_hidden_states)
+        sample = self.mid_block(sample, emb, encoder_hidden_states, context)
         if adapter.remaining and adapter.peek().shape == sample.shape:
             sample = sample + adapter.take()
         if adapter.remaining:
@@ -139,9 +154,11 @@ class UNet2DConditionModel(ConfiguredModel[UNetConfig]):
             block_skips, skips = skips[-n_skips:], skips[:-n_skips]
             is_last = i == len(self.up_blocks) - 1
             upsample_size = skips[-1].shape[2:] if forward_upsample_size and not is_last else None
-            sample = block(sample, block_skips, emb, encoder_hidden_states, upsample_size=upsample_size)
+            sample = block(
+                sample, block_skips, emb, encoder_hidden_states, upsample_size=upsample_size, context=context
+            )
 
-        return self.conv_out(self.conv_act(self.conv_norm_out(sample)))
+        return conv(self.conv_out, self.conv_act(self.conv_norm_out(sample)), context)
 
 
 class _Residuals:

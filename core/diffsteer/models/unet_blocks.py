@@ -3,8 +3,11 @@
 All down blocks share one call signature, and so do all up blocks, so the UNet and a ControlNet trunk can
 loop over them without caring which kind each is:
 
-* down: ``block(hidden_states, temb, encoder_hidden_states, additional_residual=None) -> (out, skips)``
-* up: ``block(hidden_states, skips, temb, encoder_hidden_states, upsample_size=None) -> out``
+* down: ``block(hidden_states, temb, encoder_hidden_states, additional_residual=None, context=None) -> (out, skips)``
+* up: ``block(hidden_states, skips, temb, encoder_hidden_states, upsample_size=None, context=None) -> out``
+
+``context`` (a :class:`~diffsteer.models.context.ForwardContext`) carries the pass's attention processors and
+weight patches to every layer.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .context import ForwardContext
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from .transformer import SpatialTransformer
 from .unet_config import UNetBackboneConfig, UNetConfig
@@ -72,15 +76,16 @@ class DownBlock2D(nn.Module):
         temb: torch.Tensor,
         encoder_hidden_states: Optional[torch.Tensor] = None,
         additional_residual: Optional[torch.Tensor] = None,
+        context: Optional[ForwardContext] = None,
     ) -> Tuple[torch.Tensor, Skips]:
         """``additional_residual`` (T2I-Adapter) is added to the block's final output, after downsampling,
         and that sum is also the last skip: the placement diffusers gives resnet-only blocks."""
         skips: Skips = ()
         for resnet in self.resnets:
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = resnet(hidden_states, temb, context)
             skips += (hidden_states,)
         if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states)
+            hidden_states = self.downsamplers[0](hidden_states, context)
             skips += (hidden_states,)
         if additional_residual is not None:
             hidden_states = add_residual(hidden_states, additional_residual, "down-block additional residual")
@@ -154,18 +159,19 @@ class CrossAttnDownBlock2D(nn.Module):
         temb: torch.Tensor,
         encoder_hidden_states: Optional[torch.Tensor] = None,
         additional_residual: Optional[torch.Tensor] = None,
+        context: Optional[ForwardContext] = None,
     ) -> Tuple[torch.Tensor, Skips]:
         """``additional_residual`` (T2I-Adapter) is added after the last (resnet, attention) pair, before
         downsampling, so both that skip and the downsampler see it."""
         skips: Skips = ()
         last = len(self.resnets) - 1
         for i, (resnet, attention) in enumerate(zip(self.resnets, self.attentions)):
-            hidden_states = attention(resnet(hidden_states, temb), encoder_hidden_states)
+            hidden_states = attention(resnet(hidden_states, temb, context), encoder_hidden_states, context)
             if i == last and additional_residual is not None:
                 hidden_states = add_residual(hidden_states, additional_residual, "down-block additional residual")
             skips += (hidden_states,)
         if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states)
+            hidden_states = self.downsamplers[0](hidden_states, context)
             skips += (hidden_states,)
         return hidden_states, skips
 
@@ -223,11 +229,15 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         self.resnets = resnets
 
     def forward(
-        self, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor]
+        self,
+        hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor],
+        context: Optional[ForwardContext] = None,
     ) -> torch.Tensor:
-        hidden_states = self.resnets[0](hidden_states, temb)
-        hidden_states = self.attentions[0](hidden_states, encoder_hidden_states)
-        return self.resnets[1](hidden_states, temb)
+        hidden_states = self.resnets[0](hidden_states, temb, context)
+        hidden_states = self.attentions[0](hidden_states, encoder_hidden_states, context)
+        return self.resnets[1](hidden_states, temb, context)
 
 
 def _up_resnets(
@@ -284,12 +294,13 @@ class UpBlock2D(nn.Module):
         temb: torch.Tensor,
         encoder_hidden_states: Optional[torch.Tensor] = None,
         upsample_size: Optional[Sequence[int]] = None,
+        context: Optional[ForwardContext] = None,
     ) -> torch.Tensor:
         """``skips`` are consumed last-first, one per resnet."""
         for resnet, skip in zip(self.resnets, reversed(skips)):
-            hidden_states = resnet(torch.cat([hidden_states, skip], dim=1), temb)
+            hidden_states = resnet(torch.cat([hidden_states, skip], dim=1), temb, context)
         if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states, upsample_size)
+            hidden_states = self.upsamplers[0](hidden_states, upsample_size, context)
         return hidden_states
 
 
@@ -346,13 +357,14 @@ class CrossAttnUpBlock2D(nn.Module):
         temb: torch.Tensor,
         encoder_hidden_states: Optional[torch.Tensor] = None,
         upsample_size: Optional[Sequence[int]] = None,
+        context: Optional[ForwardContext] = None,
     ) -> torch.Tensor:
         """``skips`` are consumed last-first, one per resnet."""
         for resnet, attention, skip in zip(self.resnets, self.attentions, reversed(skips)):
-            hidden_states = resnet(torch.cat([hidden_states, skip], dim=1), temb)
-            hidden_states = attention(hidden_states, encoder_hidden_states)
+            hidden_states = resnet(torch.cat([hidden_states, skip], dim=1), temb, context)
+            hidden_states = attention(hidden_states, encoder_hidden_states, context)
         if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states, upsample_size)
+            hidden_states = self.upsamplers[0](hidden_states, upsample_size, context)
         return hidden_states
 
 
