@@ -9,9 +9,13 @@ Order and exclusivity:
 
 * Plugins run in the order the user listed them (``plugins=[a, b]``: ``a`` sees each hook first).
 * Hooks marked *exclusive* replace core behaviour (:func:`diffsteer_encode_prompt`,
-  :func:`diffsteer_combine_guidance`, :func:`diffsteer_decode`). When two plugins of one call implement
-  the same exclusive hook, the call fails before any work with a :class:`~diffsteer.errors.PluginConflictError`
-  naming both: nothing is silently overwritten.
+  :func:`diffsteer_combine_guidance`, :func:`diffsteer_decode`); they are exactly the ``firstresult``
+  specs. When two plugins of one call implement the same exclusive hook, the call fails before any work
+  with a :class:`~diffsteer.errors.PluginConflictError` naming both: nothing is silently overwritten.
+* pluggy wrappers (``@hookimpl(wrapper=True)``, or the older ``hookwrapper=True``) work on every hook,
+  the chained ones included (:func:`diffsteer_prepare_latents`): they wrap all implementations, see the
+  value going in and the result coming out, and may replace it. A wrapper never conflicts on an
+  exclusive hook: it wraps whichever plugin replaces the core.
 * Per-call state belongs in ``call.state_for(self)``, never on the plugin object: one plugin instance
   may serve concurrent calls.
 
@@ -45,6 +49,16 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+def exclusive(place: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """Mark a spec as exclusive: ``firstresult``, with ``place`` naming what it replaces in conflict errors."""
+
+    def mark(fn: Callable[..., object]) -> Callable[..., object]:
+        fn.diffsteer_place = place  # type: ignore[attr-defined]
+        return hookspec(firstresult=True)(fn)
+
+    return mark
+
+
 @hookspec
 def diffsteer_setup(call: "GenerationCall") -> None:
     """Prepare this plugin for one generation call.
@@ -64,7 +78,7 @@ def diffsteer_setup(call: "GenerationCall") -> None:
     """
 
 
-@hookspec(firstresult=True)
+@exclusive("prompt encoding")
 def diffsteer_encode_prompt(call: "GenerationCall", texts: list[str]) -> Optional[torch.Tensor]:
     """Encode prompt texts into text-encoder hidden states. *Exclusive.*
 
@@ -170,7 +184,7 @@ def diffsteer_guidance(
     """
 
 
-@hookspec(firstresult=True)
+@exclusive("the guidance formula")
 def diffsteer_combine_guidance(
     call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
 ) -> Optional[torch.Tensor]:
@@ -196,7 +210,7 @@ def diffsteer_post_step(call: "GenerationCall", step: "StepState") -> None:
     """
 
 
-@hookspec(firstresult=True)
+@exclusive("decoding")
 def diffsteer_decode(call: "GenerationCall", latents: torch.Tensor) -> Optional[torch.Tensor]:
     """Decode final latents into images. *Exclusive.*
 
@@ -230,10 +244,6 @@ def diffsteer_train_commands(register: Callable[["TrainCommand"], None]) -> None
     Returns: nothing. The command named like the entry point runs; a plugin may register others, which
     ``diffsteer train NAME --help`` lists.
     """
-
-
-#: The hooks that replace core behaviour; at most one plugin per call may implement each.
-EXCLUSIVE_HOOKS = ("diffsteer_encode_prompt", "diffsteer_combine_guidance", "diffsteer_decode")
 
 
 # =====================================================================================================

@@ -13,6 +13,7 @@ from .attention_patches import AttentionPatch, compile_patches
 from .branches import BranchLayout
 from .call import GenerationCall, GenerationRequest, StepState
 from .errors import GenerationError, RequestError
+from .hook_chain import chain
 from .images import ImageInput, postprocess, to_model_tensor
 from .models.context import ForwardContext
 from .models.random import randn_tensor
@@ -42,17 +43,6 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, amount: float) ->
     dims = list(range(1, cond.ndim))
     rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
     return amount * rescaled + (1 - amount) * guided
-
-
-def _chain(hook_caller: Any, value_arg: str, value: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """Call a non-firstresult hook so each implementation receives the previous one's result."""
-    # get_hookimpls() lists implementations in reverse call order.
-    for impl in reversed(hook_caller.get_hookimpls()):
-        args = {**kwargs, value_arg: value}
-        result = impl.function(**{name: args[name] for name in impl.argnames})
-        if result is not None:
-            value = result
-    return value
 
 
 class Pipeline:
@@ -328,7 +318,7 @@ class Pipeline:
         call.hook.diffsteer_guidance_branches(call=call, branches=layout)
 
         latents = self._initial_latents(call, latents, image, timesteps)
-        latents = _chain(call.hook.diffsteer_prepare_latents, "latents", latents, call=call)
+        latents = chain(call.hook.diffsteer_prepare_latents, "latents", latents, call=call)
 
         patches: list[AttentionPatch] = []
         call.hook.diffsteer_attention_patches(call=call, register=patches.append)

@@ -9,6 +9,7 @@ import pluggy
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import hookspecs
+from .hook_chain import is_wrapper
 from .errors import PluginConflictError, PluginError, PluginNotFoundError, SettingsError
 
 ENTRY_POINT_GROUP = "diffsteer"
@@ -118,11 +119,14 @@ def resolve_plugins(specs: Iterable[PluginSpec]) -> list[Plugin]:
 
 # -- the per-call manager -------------------------------------------------------------------------------
 
-_EXCLUSIVE_PLACES = {
-    "diffsteer_encode_prompt": "prompt encoding (diffsteer_encode_prompt)",
-    "diffsteer_combine_guidance": "the guidance formula (diffsteer_combine_guidance)",
-    "diffsteer_decode": "decoding (diffsteer_decode)",
-}
+def exclusive_hooks() -> dict[str, str]:
+    """The exclusive hooks (the ``firstresult`` specs) and what each replaces, for conflict errors."""
+    out = {}
+    for name, fn in vars(hookspecs).items():
+        opts = getattr(fn, "diffsteer_spec", None) or {}
+        if name.startswith("diffsteer_") and opts.get("firstresult"):
+            out[name] = f"{getattr(fn, 'diffsteer_place', name)} ({name})"
+    return out
 
 
 def plugin_label(plugin: Plugin) -> str:
@@ -150,8 +154,9 @@ def make_manager(plugins: Sequence[Plugin]) -> pluggy.PluginManager:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(plugin_label(exc.plugin) if isinstance(exc.plugin, Plugin) else "?", str(exc)) from None
-    for hook, place in _EXCLUSIVE_PLACES.items():
-        impls = getattr(pm.hook, hook).get_hookimpls()
+    for hook, place in exclusive_hooks().items():
+        # A wrapper wraps whichever plugin replaces the core: it claims nothing.
+        impls = [i for i in getattr(pm.hook, hook).get_hookimpls() if not is_wrapper(i)]
         if len(impls) > 1:
             # get_hookimpls() is in call order reversed; report in the user's order.
             names = [plugin_label(i.plugin) for i in reversed(impls)]
