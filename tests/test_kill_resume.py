@@ -111,16 +111,13 @@ def test_one_cleaner_knows_every_temporary_of_the_atomic_writers(tmp_path):
         tmp_path / f".final.diffsteer-tmp-{dead_pid}-k2x_9abc",
         tmp_path / f".final.diffsteer-old-{dead_pid}-0a1b2c3d",
         nested / f".step-00000004.diffsteer-tmp-{dead_pid}-aaaa1111",
-        tmp_path / ".final.tmp-abcd_123",  # the names of earlier versions
-        nested / ".step-00000002.old-4242",
     ]
     stale_files = [
         tmp_path / f".learned_embeds.safetensors.diffsteer-tmp-{os.getpid()}-zz1y2x3w",  # ours, not open: reused PID
-        tmp_path / ".x.safetensors.q1w2e3r4.tmp",  # an earlier version's
     ]
     live = tmp_path / f".final.diffsteer-tmp-{os.getppid()}-abcdefgh"  # a running process's writer: kept
     kept_dirs = [tmp_path / "final.diffsteer-tmp-1-abcdefgh", nested / "step-00000002"]
-    kept_files = [live, tmp_path / ".hidden"]
+    kept_files = [live, tmp_path / ".hidden", tmp_path / ".bashrc.old-1", nested / ".x.diffsteer-tmp-12-a.txt"]
     for path in stale_dirs + kept_dirs:
         path.mkdir()
     for path in stale_files + kept_files:

@@ -32,8 +32,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: Names of every temporary :func:`atomic_file` and :func:`atomic_directory` create: group 1 is the
 #: writer's PID. (``tempfile``'s random part is lowercase letters, digits and ``_``.)
 TEMPORARY_NAME = re.compile(r"^\..+\.diffsteer-(?:tmp|old)-(\d+)-[a-z0-9_]+$")
-#: Names earlier versions used (``.X.<random>.tmp``, ``.X.tmp-<random>``, ``.X.old-<pid>``); removed too.
-_LEGACY_NAME = re.compile(r"^\..+\.(?:[a-z0-9_]{8}\.tmp|tmp-[a-z0-9_]{8}|old-\d+)$")
 STOP_ENV = "DIFFSTEER_TEST_STOP_AT"
 
 # Temporaries this process is writing now: never stale, whatever their PID says.
@@ -139,10 +137,10 @@ def _writer_alive(pid: int) -> bool:
 
 
 def is_stale_temporary(path: Path) -> bool:
-    """Whether ``path`` is a temporary of this module's writers whose writer has died (or an older version's)."""
+    """Whether ``path`` is a temporary of this module's writers whose writer has died."""
     m = TEMPORARY_NAME.match(path.name)
     if m is None:
-        return _LEGACY_NAME.match(path.name) is not None
+        return False
     return path.resolve() not in _open and not _writer_alive(int(m.group(1)))
 
 
