@@ -240,3 +240,81 @@ def test_img2img_from_the_command_line(tiny_sd1, tmp_path, capsys):
     assert main(["generate", "a red circle", "--model", str(tiny_sd1), "--steps", "4", "--seed", "0", "--image",
                  str(tmp_path / "dark.png"), "--strength", "0.5", "-o", str(tmp_path / "d.png"), "-q"]) == 0
     assert np.asarray(Image.open(out)).mean() > np.asarray(Image.open(tmp_path / "d.png")).mean()
+
+
+def test_quiet_silences_every_bar_and_loud_shows_them(tiny_sd1, tmp_path, capsys):
+    assert main(["generate", "a red circle", "--model", str(tiny_sd1), "--steps", "2", "-o", str(tmp_path / "q.png"),
+                 "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "denoising" not in err
+    assert main(["generate", "a red circle", "--model", str(tiny_sd1), "--steps", "2", "-o", str(tmp_path / "l.png")
+                 ]) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" in err and "denoising" in err  # -q did not switch the loading bar off for good
+
+
+def test_two_instances_of_one_plugin_take_their_own_settings(tiny_sd1, tmp_path, capsys):
+    pytest.importorskip("diffsteer_sega")
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    concept = '[{"prompt": "%s", "warmup_steps": 0}]'
+    assert main(["generate", "a red circle", "--model", str(tiny_sd1), "--steps", "2", "--seed", "1",
+                 "--plugin", "sega#1", "--plugin", "sega#2", "--set", "sega#1.concepts=" + concept % "red",
+                 "--set", "sega#2.concepts=" + concept % "blue", "-o", str(a), "-q"]) == 0
+    plugins = read_parameters(a)["plugins"]
+    assert [(p["name"], p["label"], p["settings"]["concepts"][0]["prompt"]) for p in plugins] == [
+        ("sega", "sega#1", "red"), ("sega", "sega#2", "blue")]
+    assert main(["generate", "--from", str(a), "-o", str(b), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    # --set under --from changes one recorded instance, found by its label
+    c = tmp_path / "c.png"
+    assert main(["generate", "--from", str(a), "--set", "sega#2.concepts=" + concept % "green", "-o", str(c),
+                 "-q"]) == 0
+    assert [p["settings"]["concepts"][0]["prompt"] for p in read_parameters(c)["plugins"]] == ["red", "green"]
+    assert main(["generate", "--from", str(a), "--set", "sega.concepts=[]", "-o", str(c), "-q"]) == 2
+    assert "is ambiguous" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["render", "outline", "depth", "mask"])
+def test_shapes_command_draws_control_images(kind, tmp_path):
+    from diffsteer.shapes import Scene, render, render_depth, render_mask, render_outline, scene_from_caption
+
+    out = tmp_path / f"{kind}.png"
+    assert main(["shapes", kind, "a red circle on the left", "-o", str(out), "--size", "96", "--seed", "3"]) == 0
+    draw = {"render": render, "outline": render_outline, "depth": render_depth, "mask": render_mask}[kind]
+    expected = draw(scene_from_caption("a red circle on the left", 3), size=96).convert("RGB")
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    assert isinstance(scene_from_caption("a red circle on the left", 3), Scene)
+
+
+def test_shapes_command_rejects_a_caption_without_objects(tmp_path, capsys):
+    assert main(["shapes", "outline", "hello world", "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "a caption must describe one or two objects" in err and not list(tmp_path.iterdir())
+
+
+def test_train_without_a_name_lists_the_recipes(capsys):
+    assert main(["train"]) == 0
+    out = capsys.readouterr().out
+    assert "  shapes " in out
+    from diffsteer.plugins import installed_plugins
+
+    for name in ("textual-inversion", "controlnet"):
+        if name in installed_plugins():
+            assert f"  {name} " in out
+
+
+def test_every_option_help_states_its_default(capsys):
+    from diffsteer.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if not action.option_strings or action.required or action.default in (False, "==SUPPRESS=="):
+                continue
+            assert "default" in command.formatter_class("x")._get_help_string(action), (name, action.option_strings)
+    for name in ("generate", "eval", "shapes", "plugins", "new-plugin"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        assert "(default: " in text or name == "plugins", name

@@ -10,8 +10,19 @@ from typing import Any, Optional, Sequence
 
 from . import __version__
 from .generate_cli import add_generate_arguments
+from .shapes_cli import add_shapes_arguments
 
 METADATA_KEY = "diffsteer"  # the PNG text key (JPEG/WebP: EXIF ImageDescription "diffsteer:<json>")
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option's line with its default, unless the line already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})".lstrip()
 
 
 def _lazy(module: str, function: str) -> Any:
@@ -68,14 +79,15 @@ def _shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="v1",
                         help="named recipe: v1 (the CPU recipe, stages 1-6) or v2 (one larger stage 4 for an "
                              "accelerator; docs/shapes-model.md) (default: v1)")
-    parser.add_argument("--unet-steps", type=int, default=None)
-    parser.add_argument("--vae-steps", type=int, default=None)
+    parser.add_argument("--unet-steps", type=int, default=None, help="steps of the UNet stage (default: the recipe's)")
+    parser.add_argument("--vae-steps", type=int, default=None, help="steps of the VAE stage (default: the recipe's)")
     parser.add_argument("--refine-steps", type=int, default=None,
                         help="steps of the stage-5 fine-tune (default: the recipe's 2000; 0 skips the stage)")
     parser.add_argument("--bind-steps", type=int, default=None,
                         help="steps of the stage-6 two-object fine-tune (default: the recipe's 1200; 0 skips the stage)")
-    parser.add_argument("--n-images", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--n-images", type=int, default=None,
+                        help="training images to render (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=None, help="the run's seed (default: the recipe's)")
     parser.add_argument("--set", dest="recipe_set", action="append", default=[], metavar="FIELD=JSON",
                         help="set any recipe field, e.g. --set 'unet_block_out_channels=[64,128,128]' (repeatable)")
     parser.add_argument("--device", default="cpu", help="where the networks train: cpu, cuda, cuda:1 (default: cpu)")
@@ -134,9 +146,34 @@ def _train_command(name: str) -> Any:
     return commands[name]
 
 
+def train_recipes() -> list[tuple[str, str]]:
+    """Every ``diffsteer train NAME``: the built-in recipe, then each installed plugin's, with its help line.
+
+    A plugin that fails to load is listed with its error instead of hiding the others.
+    """
+    from .commands import plugin_train_commands
+    from .plugins import installed_plugins, load_plugin_class
+
+    rows = [("shapes", "the shipped shapes-world model, from scratch (built in)")]
+    for name in sorted(installed_plugins()):
+        try:
+            commands = plugin_train_commands(load_plugin_class(name), owner=name)
+        except Exception as exc:  # a broken plugin must not hide the others
+            rows.append((name, f"cannot load: {type(exc).__name__}: {exc}"))
+            continue
+        rows += [(c.name, f"{c.help} (plugin {name})") for c in commands.values() if c.name == name]
+    return rows
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.what is None:
+        print("diffsteer train NAME [options]; 'diffsteer train NAME --help' lists a recipe's options. Recipes:")
+        for name, text in train_recipes():
+            print(f"  {name:<20} {text}")
+        return 0
     command = _train_command(args.what)
-    parser = argparse.ArgumentParser(prog=f"diffsteer train {command.name}", description=command.help)
+    parser = argparse.ArgumentParser(prog=f"diffsteer train {command.name}", description=command.help,
+                                     formatter_class=DefaultsFormatter)
     command.add_arguments(parser)
     return int(command.run(parser.parse_args(args.options)))
 
@@ -184,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_lazy("generate_cli", "cmd_generate"))
 
     plug = sub.add_parser("plugins", help="list installed plugins and the hooks they implement")
-    plug.add_argument("--json", action="store_true")
+    plug.add_argument("--json", action="store_true", help="print the list as JSON")
     plug.set_defaults(func=cmd_plugins)
 
     train = sub.add_parser(
@@ -192,17 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="diffsteer train NAME [options]: NAME is 'shapes' or the name of an installed plugin that "
         "trains (e.g. textual-inversion); 'diffsteer train NAME --help' lists its options.",
     )
-    train.add_argument("what", metavar="NAME", help="'shapes' or an installed plugin's name")
+    train.add_argument("what", metavar="NAME", nargs="?", default=None,
+                       help="'shapes' or an installed plugin's name; without it, the recipes are listed")
     train.add_argument("options", nargs=argparse.REMAINDER, help="the recipe's own options")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="measure a shapes-world model (colour, shape, two-object, background, position)")
+    ev = sub.add_parser(
+        "eval", help="measure a shapes-world model (colour, shape, two-object, background, position)",
+        description="diffsteer eval shapes: generate prompts from the shapes world with a model and score each image "
+        "with the shapes evaluators (colour, shape, two-object prompts, background, position); prints a table.",
+    )
     ev.add_argument("what", choices=["shapes"])
-    ev.add_argument("--model", default="shapes")
+    ev.add_argument("--model", default="shapes", help="model folder or 'shapes'")
     ev.add_argument("--single", type=int, default=144, help="single-object prompts")
     ev.add_argument("--double", type=int, default=72, help="two-object prompts")
     ev.add_argument("--position", type=int, default=96, help="single-object prompts with a position")
-    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--steps", type=int, default=20, help="denoising steps per image")
     ev.add_argument("-q", "--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
@@ -210,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("name", help="the plugin name, e.g. my-guidance")
     new.add_argument("--directory", default=".", help="where to create the NAME folder")
     new.set_defaults(func=cmd_new_plugin)
+
+    shapes = sub.add_parser(
+        "shapes", help="draw a shapes-world image from a caption: render, outline, depth or mask",
+        description="Draw a shapes-world scene matching a caption: the picture, or a control image for ControlNet.",
+    )
+    add_shapes_arguments(shapes)
+    shapes.set_defaults(func=_lazy("shapes_cli", "cmd_shapes"))
+
+    for command in sub.choices.values():
+        command.formatter_class = DefaultsFormatter
     return parser
 
 

@@ -8,12 +8,13 @@ the ones left out (taken from the image); :data:`OPTIONS` holds the real default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .errors import DiffsteerError, InputFileError
 from .image_files import check_output_path, read_image_parameters, save_image
@@ -72,8 +73,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--eta", "eta", None, "DDIM eta (0 is deterministic)", type=float, shown="the scheduler's"),
     Option("--clip-skip", "clip_skip", None, "text-encoder layers to skip from the end", type=int, shown="none"),
     Option("--num-images", "num_images_per_prompt", 1, "images to make; -o out.png writes out-0.png, out-1.png, ...",
-           type=int),
-    Option("--dtype", "dtype", "fp32", "fp32, bf16 or fp16 for the model weights", type=dtype_name),
+           type=int, metavar="N"),
+    Option("--dtype", "dtype", "fp32", "fp32, bf16 or fp16 for the model weights", type=dtype_name,
+           metavar="{fp32,bf16,fp16}"),
     Option("--image", "image", None, "img2img: start from this image instead of noise", shown="none",
            metavar="PATH"),
     Option("--strength", "strength", 0.8, "img2img: how far to move from --image (1 ignores it)", type=float),
@@ -291,6 +293,21 @@ class _Progress:
             self.bar = None
 
 
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """transformers' "Loading weights" bar, off for ``-q`` and restored afterwards (it is process-wide)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not show:
+            hf_logging.enable_progress_bar()
+
+
 def _load_init_image(path: str, height: Optional[int], width: Optional[int], multiple: int) -> tuple[Any, int, int]:
     from PIL import Image
 
@@ -337,12 +354,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         warnings.showwarning = lambda message, category, *a, **k: progress.write(
             f"warning: {message}" if issubclass(category, DiffsteerWarning) else f"{category.__name__}: {message}"
         )
-        if args.quiet:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[params.get("dtype") or "fp32"]
-        pipe = Pipeline.from_pretrained(params["model"], scheduler=params.get("scheduler"), torch_dtype=dtype)
+        with _loading_bars(not args.quiet):
+            pipe = Pipeline.from_pretrained(params["model"], scheduler=params.get("scheduler"), torch_dtype=dtype)
         extra: dict[str, Any] = {}
         height, width = params.get("height"), params.get("width")
         if params.get("image") is not None:
