@@ -9,7 +9,10 @@ Conventions the pages follow (see docs/plugin-authors.md for the reason each exi
   block with ``[project.entry-points.diffsteer]`` is "installed" by writing the dist-info that
   ``pip install -e .`` would write, so ``plugins=["name"]`` resolves through the real entry-point path;
 * when a page wrote files under ``tests/``, they are run with pytest in a subprocess, as a plugin
-  author would run them.
+  author would run them;
+* a ```text block whose first line is ``# prints`` states what the python block just before it prints:
+  each line must match that block's output line for line, where ``{lo..hi}`` is a number that must lie
+  in ``[lo, hi]`` (a figure that varies by machine) and a line ending in ``...`` matches any rest.
 
 ``"shapes"`` is the shipped model when this install has it; otherwise a tiny random SD folder stands
 in for it (images are then 32x32 instead of 64x64, which is why the pages never hard-code sizes).
@@ -17,13 +20,16 @@ in for it (images are then 32x32 instead of 64x64, which is why the pages never 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 import re
 import shlex
 import subprocess
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,6 +44,33 @@ PAGES = ["index.md", "getting-started.md", "concepts.md", "plugin-authors.md", "
 FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 NOT_RUN = "# not run"
 FILE = re.compile(r"#\s*file:\s*(\S+)")
+
+
+PRINTS = "# prints"
+RANGE = re.compile(r"\{(-?[\d.]+)\.\.(-?[\d.]+)\}")
+NUMBER = r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)"
+
+
+def printed_lines_match(expected: str, printed: str) -> list[str]:
+    """The mismatches between a ``# prints`` block and what its python block printed (empty: they agree)."""
+    want = [line for line in expected.strip("\n").split("\n")[1:]]
+    got = printed.rstrip("\n").split("\n") if printed.strip() else []
+    problems = [] if len(want) == len(got) else [f"{len(want)} lines stated, {len(got)} printed"]
+    for w, g in zip(want, got):
+        tail = w.endswith("...")
+        body = w[:-3] if tail else w
+        pieces = RANGE.split(body)  # text, lo, hi, text, lo, hi, ..., text
+        pattern = "".join(re.escape(p) if i % 3 == 0 else (NUMBER if i % 3 == 1 else "")
+                          for i, p in enumerate(pieces))
+        m = (re.match if tail else re.fullmatch)(pattern, g)
+        if m is None:
+            problems.append(f"stated {w!r}, printed {g!r}")
+            continue
+        bounds = [(float(pieces[i]), float(pieces[i + 1])) for i in range(1, len(pieces) - 1, 3)]
+        for (lo, hi), value in zip(bounds, m.groups()):
+            if not lo <= float(value) <= hi:
+                problems.append(f"stated {w!r}: {value} is outside [{lo:g}, {hi:g}] in {g!r}")
+    return problems
 
 
 def blocks(page: str) -> list[tuple[str, int, str]]:
@@ -59,18 +92,24 @@ def not_run(code: str) -> bool:
     return head == NOT_RUN or head.startswith(NOT_RUN + ":")  # "# not run: why"
 
 
+@dataclass(frozen=True)
+class ModelFolder:
+    path: Path
+    stand_in: bool  # a tiny random model standing in for the shipped one: the pages' figures do not apply
+
+
 @pytest.fixture(scope="module")
 def shapes_model(tmp_path_factory):
     """Make ``"shapes"`` loadable: the shipped model if present, else a tiny random stand-in."""
     from diffsteer.loading import pipeline_loader
 
     if (pipeline_loader.shipped_model_dir() / "model_index.json").is_file():
-        yield pipeline_loader.shipped_model_dir()
+        yield ModelFolder(pipeline_loader.shipped_model_dir(), stand_in=False)
         return
     tiny = build_tiny_sd(tmp_path_factory.mktemp("docs-model"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline_loader, "shipped_model_dir", lambda name=pipeline_loader.SHAPES: tiny)
-        yield tiny
+        yield ModelFolder(tiny, stand_in=True)
 
 
 def install_entry_points(pyproject: Path) -> None:
@@ -93,10 +132,15 @@ def install_entry_points(pyproject: Path) -> None:
 @pytest.mark.parametrize("page", PAGES)
 def test_page_code_runs(page, shapes_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))  # what `pip install -e .` of a flat-layout package gives
+    # What `pip install -e .` gives: the package importable from src/ (the scaffold's layout), or from the
+    # folder itself (a flat layout), and the dist-info next to pyproject.toml.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
     namespace: dict = {"__name__": f"docs.{page}"}
     wrote_tests = False
-    ran = 0
+    ran = checked = 0
+    outputs: dict[int, str] = {}
+    previous = None
     try:
         for lang, line, code in blocks(page):
             head = first_line(code)
@@ -113,10 +157,25 @@ def test_page_code_runs(page, shapes_model, tmp_path, monkeypatch):
                 importlib.invalidate_caches()
             elif lang == "python" and not not_run(code):
                 # Padding keeps the page's line numbers in tracebacks.
-                exec(compile("\n" * (line - 1) + code, f"docs/{page}", "exec"), namespace)
+                printed = io.StringIO()
+                with contextlib.redirect_stdout(printed):
+                    exec(compile("\n" * (line - 1) + code, f"docs/{page}", "exec"), namespace)
+                sys.stdout.write(printed.getvalue())
+                outputs[line] = printed.getvalue()
                 ran += 1
+            elif lang == "text" and first_line(code) == PRINTS:
+                assert previous is not None and previous in outputs, (
+                    f"docs/{page}:{line}: a '# prints' block must follow a python block that runs"
+                )
+                if shapes_model.stand_in:
+                    continue  # the page's figures are the shipped model's
+                problems = printed_lines_match(code, outputs[previous])
+                assert not problems, f"docs/{page}:{line}: the page says it prints other figures: {problems}"
+                checked += 1
+            previous = line if lang == "python" else None
         if wrote_tests:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "src"), str(tmp_path),
+                                                                os.environ.get("PYTHONPATH", "")]),
                    "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
             res = subprocess.run(
                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
@@ -181,3 +240,21 @@ def test_links_between_pages_resolve():
             if anchor and path.suffix == ".md":
                 anchors = {slug(h) for h in re.findall(r"^#+ (.*)$", path.read_text(), flags=re.M)}
                 assert anchor in anchors, f"docs/{page} links to missing anchor {target}#{anchor}"
+
+
+def test_prints_blocks_check_each_figure():
+    stated = "# prints\nno SEGA: {25..75}% red-dominant\nshape (1, 4, 8, 8) dtype ..."
+    assert printed_lines_match(stated, "no SEGA: 50% red-dominant\nshape (1, 4, 8, 8) dtype float32\n") == []
+    assert printed_lines_match(stated, "no SEGA: 80% red-dominant\nshape (1, 4, 8, 8) dtype float32\n") == [
+        "stated 'no SEGA: {25..75}% red-dominant': 80 is outside [25, 75] in 'no SEGA: 80% red-dominant'"
+    ]
+    assert printed_lines_match(stated, "no SEGA: 50% red-dominant\nshape (1, 4, 16, 16) dtype float32\n")
+    assert printed_lines_match(stated, "no SEGA: 50% red-dominant\n") == ["2 lines stated, 1 printed"]
+    assert printed_lines_match("# prints\ntorch.float32", "torch.bfloat16\n")
+
+
+def test_pages_that_print_figures_state_them():
+    """Each page listed here prints figures in its examples and states them in a checked ``# prints`` block."""
+    for page in ["getting-started.md", "concepts.md", "cli.md", "sega.md"]:
+        stated = [line for lang, line, code in blocks(page) if lang == "text" and first_line(code) == PRINTS]
+        assert stated, f"docs/{page} states no '# prints' block"
