@@ -15,6 +15,10 @@ class PluginError(DiffsteerError, ValueError):
         super().__init__(f"plugin {plugin!r}: {message}")
 
 
+class PluginContractError(PluginError):
+    """A plugin was written for a hook contract version this core does not serve."""
+
+
 class PluginConflictError(DiffsteerError, ValueError):
     """Two plugins of one call claim the same exclusive place."""
 

@@ -31,7 +31,12 @@ def render() -> str:
         sig = str(inspect.signature(fn)).replace("'", "")
         opts = getattr(fn, "diffsteer_spec", {}) or {}
         flags = " *(first result wins)*" if opts.get("firstresult") else ""
-        lines += [f"## `{name}{sig}`{flags}", "", inspect.getdoc(fn) or "", ""]
+        since = getattr(fn, "diffsteer_since", "?")
+        lines += [f"## `{name}{sig}`{flags}", "", f"*Since contract {since}.*", "", inspect.getdoc(fn) or "", ""]
+    lines += ["## Contract versions", "", f"This core serves contract {hookspecs.CONTRACT_VERSION}.", ""]
+    for version, added in hookspecs.CONTRACT_HISTORY.items():
+        hooks = [f"`{n}`" for n in hook_names() if getattr(getattr(hookspecs, n), "diffsteer_since", "") == version]
+        lines.append(f"- **{version}**: {added}" + (f"; hooks: {', '.join(hooks)}" if hooks and version != "1.0" else ""))
     return "\n".join(lines).rstrip() + "\n"
 
 

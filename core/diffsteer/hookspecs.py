@@ -16,6 +16,10 @@ Order and exclusivity:
   the chained ones included (:func:`diffsteer_prepare_latents`): they wrap all implementations, see the
   value going in and the result coming out, and may replace it. A wrapper never conflicts on an
   exclusive hook: it wraps whichever plugin replaces the core.
+* A plugin declares the contract version it was written for (``contract = "1.1"`` on its class; ``"1.0"``
+  when it declares none). A call, a training run or ``diffsteer train`` refuses a plugin written for
+  another major version or a newer minor with a :class:`~diffsteer.errors.PluginContractError` naming
+  it. Each hook below says which version added it; *Contract versions* at the end lists the rest.
 * Per-call state belongs in ``call.state_for(self)``, never on the plugin object: one plugin instance
   may serve concurrent calls.
 
@@ -59,6 +63,32 @@ def exclusive(place: str) -> Callable[[Callable[..., object]], Callable[..., obj
     return mark
 
 
+#: The hook contract this core provides, ``"MAJOR.MINOR"``. A minor version only adds (hooks, arguments,
+#: services); a major version changes or removes something. A plugin declares the version it needs in
+#: :attr:`diffsteer.Plugin.contract`; the core serves it when the majors match and the plugin's minor is
+#: not newer (see :func:`diffsteer.plugins.check_contract`).
+CONTRACT_VERSION = "1.1"
+
+#: What each contract version added; ``docs/hooks.md`` prints it.
+CONTRACT_HISTORY = {
+    "1.0": "the hooks and call services of diffsteer 0.1 (plugins that declare no version are 1.0 plugins)",
+    "1.1": "pluggy wrappers on chained hooks; ``Plugin.contract``",
+}
+
+
+def since(version: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """Record the contract version that added a hook spec (``docs/hooks.md`` prints it)."""
+    if version not in CONTRACT_HISTORY:
+        raise ValueError(f"unknown contract version {version!r}")
+
+    def mark(fn: Callable[..., object]) -> Callable[..., object]:
+        fn.diffsteer_since = version  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+@since("1.0")
 @hookspec
 def diffsteer_setup(call: "GenerationCall") -> None:
     """Prepare this plugin for one generation call.
@@ -78,6 +108,7 @@ def diffsteer_setup(call: "GenerationCall") -> None:
     """
 
 
+@since("1.0")
 @exclusive("prompt encoding")
 def diffsteer_encode_prompt(call: "GenerationCall", texts: list[str]) -> Optional[torch.Tensor]:
     """Encode prompt texts into text-encoder hidden states. *Exclusive.*
@@ -93,6 +124,7 @@ def diffsteer_encode_prompt(call: "GenerationCall", texts: list[str]) -> Optiona
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_guidance_branches(call: "GenerationCall", branches: "BranchLayout") -> None:
     """Add extra guidance branches to the batched UNet call.
@@ -106,6 +138,7 @@ def diffsteer_guidance_branches(call: "GenerationCall", branches: "BranchLayout"
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_prepare_latents(call: "GenerationCall", latents: torch.Tensor) -> Optional[torch.Tensor]:
     """Replace or adjust the initial latents.
@@ -118,6 +151,7 @@ def diffsteer_prepare_latents(call: "GenerationCall", latents: torch.Tensor) -> 
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_attention_patches(call: "GenerationCall", register: Callable[["AttentionPatch"], None]) -> None:
     """Register attention patches for this call.
@@ -130,6 +164,7 @@ def diffsteer_attention_patches(call: "GenerationCall", register: Callable[["Att
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_pre_step(call: "GenerationCall", step: "StepState") -> None:
     """Act before a denoising step.
@@ -141,6 +176,7 @@ def diffsteer_pre_step(call: "GenerationCall", step: "StepState") -> None:
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_model_inputs(call: "GenerationCall", step: "StepState", inputs: "UNetInputs") -> None:
     """Add conditioning to a UNet pass.
@@ -157,6 +193,7 @@ def diffsteer_model_inputs(call: "GenerationCall", step: "StepState", inputs: "U
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_noise_prediction(
     call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
@@ -170,6 +207,7 @@ def diffsteer_noise_prediction(
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_guidance(
     call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
@@ -184,6 +222,7 @@ def diffsteer_guidance(
     """
 
 
+@since("1.0")
 @exclusive("the guidance formula")
 def diffsteer_combine_guidance(
     call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
@@ -198,6 +237,7 @@ def diffsteer_combine_guidance(
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_post_step(call: "GenerationCall", step: "StepState") -> None:
     """Act after the scheduler step.
@@ -210,6 +250,7 @@ def diffsteer_post_step(call: "GenerationCall", step: "StepState") -> None:
     """
 
 
+@since("1.0")
 @exclusive("decoding")
 def diffsteer_decode(call: "GenerationCall", latents: torch.Tensor) -> Optional[torch.Tensor]:
     """Decode final latents into images. *Exclusive.*
@@ -221,6 +262,7 @@ def diffsteer_decode(call: "GenerationCall", latents: torch.Tensor) -> Optional[
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_teardown(call: "GenerationCall", error: Optional[BaseException]) -> None:
     """Release what :func:`diffsteer_setup` took.
@@ -232,6 +274,7 @@ def diffsteer_teardown(call: "GenerationCall", error: Optional[BaseException]) -
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_train_commands(register: Callable[["TrainCommand"], None]) -> None:
     """Offer ``diffsteer train NAME`` commands (textual inversion, ControlNet, ...).
@@ -265,6 +308,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .training import DiffusionTrainer, ParamGroup, TrainBatch, TrainOutputs
 
 
+@since("1.0")
 @hookspec
 def diffsteer_train_parameters(trainer: "DiffusionTrainer") -> Optional[list[ParamGroup]]:
     """Choose the parameters that train (and prepare the models for training).
@@ -283,6 +327,7 @@ def diffsteer_train_parameters(trainer: "DiffusionTrainer") -> Optional[list[Par
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_train_batch(trainer: "DiffusionTrainer", batch: "TrainBatch") -> None:
     """Extend or adjust one micro-batch.
@@ -301,6 +346,7 @@ def diffsteer_train_batch(trainer: "DiffusionTrainer", batch: "TrainBatch") -> N
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_train_model_inputs(
     trainer: "DiffusionTrainer", batch: "TrainBatch", inputs: "UNetInputs"
@@ -318,6 +364,7 @@ def diffsteer_train_model_inputs(
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_train_loss(
     trainer: "DiffusionTrainer", batch: "TrainBatch", outputs: "TrainOutputs"
@@ -334,6 +381,7 @@ def diffsteer_train_loss(
     """
 
 
+@since("1.0")
 @hookspec
 def diffsteer_train_save(trainer: "DiffusionTrainer", directory: Path) -> Optional[bool]:
     """Write this plugin's artifacts when the trained model is exported.

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-from typing import Any, ClassVar, Iterable, Mapping, Sequence, Union
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence, Union
 
 import pluggy
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import hookspecs
 from .hook_chain import is_wrapper
-from .errors import PluginConflictError, PluginError, PluginNotFoundError, SettingsError
+from .errors import PluginConflictError, PluginContractError, PluginError, PluginNotFoundError, SettingsError
 
 ENTRY_POINT_GROUP = "diffsteer"
 
@@ -40,6 +40,9 @@ class Plugin:
 
     name: ClassVar[str] = ""
     Settings: ClassVar[type[BaseModel]] = NoSettings
+    #: The hook contract version (``"MAJOR.MINOR"``) this plugin was written for: the newest whose hooks or
+    #: services it uses. The core refuses it when it serves another major or an older minor.
+    contract: ClassVar[str] = "1.0"
 
     def __init__(self, settings: Union[BaseModel, Mapping[str, Any], None] = None, **fields: Any) -> None:
         self.settings = validate_settings(type(self), settings, fields)
@@ -73,6 +76,31 @@ def validate_settings(
         raise SettingsError(name, problems) from None
 
 
+def _version(text: object) -> Optional[tuple[int, int]]:
+    parts = text.split(".") if isinstance(text, str) else []
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def check_contract(plugin_cls: type) -> None:
+    """Refuse a plugin class written for a hook contract this core does not serve, naming it."""
+    name = getattr(plugin_cls, "name", "") or plugin_cls.__name__
+    declared = getattr(plugin_cls, "contract", "1.0")
+    needed, core = _version(declared), _version(hookspecs.CONTRACT_VERSION)
+    assert core is not None
+    if needed is None:
+        raise PluginContractError(name, f"declares contract {declared!r}; it must be 'MAJOR.MINOR', such as "
+                                        f"{hookspecs.CONTRACT_VERSION!r}")
+    if needed[0] != core[0] or needed[1] > core[1]:
+        serves = f"{core[0]}.0 to {hookspecs.CONTRACT_VERSION}"
+        fix = ("upgrade diffsteer" if needed > core else
+               f"install a version of the plugin written for contract {core[0]}.x")
+        raise PluginContractError(
+            name, f"was written for hook contract {declared}, but this diffsteer serves contracts {serves}: {fix}"
+        )
+
+
 # -- discovery ----------------------------------------------------------------------------------------
 
 
@@ -92,6 +120,7 @@ def load_plugin_class(name: str) -> type[Plugin]:
     if obj.name and obj.name != name:
         # Generation metadata records Plugin.name; --from must find the plugin again by that name.
         raise PluginError(name, f"entry point {eps[name].value!r} names a plugin called {obj.name!r}")
+    check_contract(obj)
     return obj
 
 
@@ -146,6 +175,7 @@ def make_manager(plugins: Sequence[Plugin]) -> pluggy.PluginManager:
         if id(plugin) in seen:
             raise PluginError(plugin_label(plugin), "is listed twice; pass two instances to run it twice")
         seen.add(id(plugin))
+        check_contract(type(plugin))
         try:
             pm.register(plugin, name=f"{plugin_label(plugin)}#{index}")
         except pluggy.PluginValidationError as exc:  # a misspelt hook or an unknown argument

@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .hookspecs import CONTRACT_VERSION
+
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
@@ -54,6 +56,8 @@ class {cls}(Plugin):
     """Multiplies the guidance direction (cond - uncond) by ``strength``: a placeholder technique."""
 
     name = "{name}"
+    # The hook contract version this plugin is written for (docs/hooks.md, "Contract versions").
+    contract = "{CONTRACT_VERSION}"
 
     class Settings(BaseModel):
         # Unknown fields are errors, so a typo never silently becomes a default.

@@ -33,6 +33,7 @@ class PromptWeighting(Plugin):
     weights, and encodes prompts longer than 75 tokens in several chunks instead of truncating them."""
 
     name = "prompt-weighting"
+    contract = "1.1"
 
     class Settings(BaseModel):
         model_config = ConfigDict(extra="forbid")

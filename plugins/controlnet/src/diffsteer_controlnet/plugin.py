@@ -148,6 +148,7 @@ class ControlNet(Plugin):
     """
 
     name = NAME
+    contract = "1.1"
     Settings = ControlNetSettings
 
     def __init__(self, settings: Any = None, *, controlnet: Optional[ControlNetModel] = None, **fields: Any) -> None:

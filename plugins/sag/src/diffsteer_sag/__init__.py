@@ -141,6 +141,7 @@ class Sag(Plugin):
     """
 
     name = "sag"
+    contract = "1.1"
     Settings = SagSettings
     settings: SagSettings
 

@@ -132,6 +132,7 @@ class Sega(Plugin):
     """
 
     name = "sega"
+    contract = "1.1"
     Settings = SegaSettings
     settings: SegaSettings
 

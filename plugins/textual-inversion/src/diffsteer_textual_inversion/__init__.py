@@ -83,6 +83,7 @@ class TextualInversion(Plugin):
     """
 
     name = "textual-inversion"
+    contract = "1.1"
     Settings = TextualInversionSettings
     settings: TextualInversionSettings
 
