@@ -345,9 +345,14 @@ def mask_iou(img: ImageLike, mask: ImageLike | np.ndarray) -> float:
 CRITERIA: tuple[str, ...] = ("background", "count", "colour", "both_colours", "shape", "binding", "position", "size")
 
 
-def _position_ok(obj: DetectedObject, position: str, width: int, height: int) -> bool:
-    x, y = obj.centroid
+def in_named_half(point: tuple[float, float], position: str, width: int, height: int) -> bool:
+    """Whether (x, y) lies in the half of a ``width`` x ``height`` image that a position word names."""
+    x, y = point
     return {"left": x < width / 2, "right": x > width / 2, "top": y < height / 2, "bottom": y > height / 2}[position]
+
+
+def _position_ok(obj: DetectedObject, position: str, width: int, height: int) -> bool:
+    return in_named_half(obj.centroid, position, width, height)
 
 
 def _size_ok(obj: DetectedObject, size: str, width: int) -> bool:
