@@ -91,6 +91,27 @@ class ProbsEditor(Plugin):
         self.seen.append(call.state_for(self).pop("sum"))
 
 
+class LowRankCrossKV(Plugin):
+    """A LoRA stand-in: seeded low-rank deltas on every cross-attention's K and V (and a replaced bias)."""
+
+    name = "low-rank-kv"
+
+    def __init__(self, seed: int, scale: float, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.seed, self.scale = seed, scale
+
+    @hookimpl
+    def diffsteer_weight_overrides(self, call, weights):
+        g = torch.Generator().manual_seed(self.seed)
+        for layer in (n for n in call.unet.attention_layers() if n.endswith("attn2")):
+            for proj in ("to_k", "to_v"):
+                out_dim, in_dim = weights.parameter(f"{layer}.{proj}.weight").shape
+                down, up = torch.randn(4, in_dim, generator=g), torch.randn(out_dim, 4, generator=g)
+                weights.add_low_rank(self.name, f"{layer}.{proj}", 0.2 * down, 0.2 * up, scale=self.scale)
+        bias = weights.parameter("mid_block.attentions.0.proj_out.bias")
+        weights.replace(self.name, "mid_block.attentions.0.proj_out.bias", torch.randn(bias.shape, generator=g))
+
+
 def test_the_unet_traces_as_one_graph_with_processors(tiny_pipe):
     from diffsteer.attention_patches import compile_patches
 
@@ -142,6 +163,20 @@ def test_compiled_attention_patches_equal_eager(fresh):
     assert torch.allclose(torch.stack(seen), torch.stack(seen_eager), atol=1e-5)
     assert (compiled - eager).abs().max().item() <= 1e-5
     assert len(counter.graphs) == 1
+
+
+def test_compiled_weight_overrides_equal_eager_without_recompiling(fresh):
+    eager = fresh(plugins=[LowRankCrossKV(0, 1.0)], **KW).images
+    other = fresh(plugins=[LowRankCrossKV(1, 0.5)], **KW).images
+    assert (eager - fresh(**KW).images).abs().max().item() > 1e-3
+    counter = GraphCounter()
+    fresh.compile(backend=counter)
+    compiled = fresh(plugins=[LowRankCrossKV(0, 1.0)], **KW).images
+    # Other weights and another scale are new tensors for the same graph: no recompile.
+    compiled_other = fresh(plugins=[LowRankCrossKV(1, 0.5)], **KW).images
+    assert len(counter.graphs) == 1
+    assert (compiled - eager).abs().max().item() <= 1e-5
+    assert (compiled_other - other).abs().max().item() <= 1e-5
 
 
 def test_compiled_sag_observer_equals_eager_without_recompiling(fresh):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
@@ -10,10 +11,10 @@ import torch
 
 from .branches import BranchLayout, BranchPredictions
 from .errors import PluginError
-from .models.context import ForwardContext
+from .models.context import ForwardContext, WeightPatch
 from .plugins import Plugin, plugin_label
 from .schedulers import Scheduler
-from .text import PromptEncoder, TokenTable, token_table_for
+from .text import EncoderScope, PromptEncoder, TokenTable, token_table_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.unet import UNet2DConditionModel
@@ -145,8 +146,10 @@ class GenerationCall:
         self.vae = vae
         #: tokens added for this call only (textual inversion); starts as a copy of the pipeline's own.
         self.tokens = tokens if tokens is not None else token_table_for(text.tokenizer, text.encoder)
-        #: the call's prompt encoder: the shared tokenizer and encoder, seen through ``tokens``.
-        self.text = text.with_tokens(self.tokens)
+        #: what this call changes in the shared text encoder: its tokens and weight patches.
+        self.text_scope = EncoderScope(self.tokens)
+        #: the call's prompt encoder: the shared tokenizer and encoder, seen through ``text_scope``.
+        self.text = text.with_tokens(self.text_scope)
         self.scheduler = scheduler
         self.request = request
         self.generator = generator
@@ -199,6 +202,14 @@ class GenerationCall:
         """
         # The view delegates get_vocab to the shared tokenizer: its own words, not the added tokens.
         self.tokens.add_all(embeddings, owner=owner, tokenizer=self.text.tokenizer)
+
+    def set_weight_patches(
+        self, unet: Mapping[str, WeightPatch], text_encoder: Mapping[str, WeightPatch]
+    ) -> None:
+        """Patch the weights of every later UNet pass and prompt encoding of this call (the core calls it with
+        what :func:`~diffsteer.hookspecs.diffsteer_weight_overrides` registered; see :mod:`diffsteer.overrides`)."""
+        self.unet_context = dataclasses.replace(self.unet_context or ForwardContext(), weights=dict(unet))
+        self.text_scope.weights = dict(text_encoder)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Encode texts through the encode-prompt hook (or the core encoder), in the UNet's dtype."""

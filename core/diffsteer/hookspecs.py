@@ -25,7 +25,7 @@ Order and exclusivity:
 
 A generation call fires, in order::
 
-    setup → encode_prompt* → guidance_branches → prepare_latents → attention_patches
+    setup → weight_overrides → encode_prompt* → guidance_branches → prepare_latents → attention_patches
     for each step:  pre_step → model_inputs → noise_prediction → combine_guidance → guidance → post_step
     decode → teardown (always, even after an error)
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .attention_patches import AttentionPatch
     from .branches import BranchLayout, BranchPredictions
     from .call import GenerationCall, StepState, UNetInputs
+    from .overrides import WeightOverrides
     from .commands import TrainCommand
 
 PROJECT = "diffsteer"
@@ -104,6 +105,27 @@ def diffsteer_setup(call: "GenerationCall") -> None:
     whatever their place in the list, see them);
     it may raise :class:`~diffsteer.errors.PluginError` to reject a model or request it cannot serve
     (wrong channel count, size mismatch).
+    Returns: nothing.
+    """
+
+
+@since("1.1")
+@hookspec
+def diffsteer_weight_overrides(call: "GenerationCall", weights: "WeightOverrides") -> None:
+    """Change model weights for this call only (LoRA, custom diffusion's K/V, TIME's edited projections).
+
+    When: once per call, right after :func:`diffsteer_setup`, before any prompt is encoded.
+    Receives: ``weights``, the call's :class:`~diffsteer.overrides.WeightOverrides`. Register with
+    ``weights.add_delta(owner, name, delta)``, ``weights.add_low_rank(owner, layer, down, up, scale=...)``
+    or ``weights.replace(owner, name, value)``; ``model="text_encoder"`` targets the text encoder
+    (default ``"unet"``). Names are the model's parameter names (``weights.names(model)`` lists those
+    that can be overridden: the weights and biases of linear and convolution layers).
+    May change: nothing else. The shared models are never modified: every UNet pass of the call (also
+    compiled, also plugins' extra passes) and every prompt encoding of the call (also a plugin's, through
+    ``call.text``) sees the changed weights, and concurrent calls on the pipeline do not. Deltas of
+    several plugins on one parameter sum; a second replacement of a parameter raises
+    :class:`~diffsteer.errors.PluginConflictError` naming both plugins; a name, shape or non-finite value
+    that does not fit raises :class:`~diffsteer.errors.PluginError` naming the plugin.
     Returns: nothing.
     """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -16,6 +17,7 @@ from .errors import GenerationError, RequestError
 from .hook_chain import chain
 from .images import ImageInput, postprocess, to_model_tensor
 from .models.context import ForwardContext
+from .overrides import collect_weight_overrides
 from .models.random import randn_tensor
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
@@ -223,6 +225,7 @@ class Pipeline:
         error: Optional[BaseException] = None
         try:
             call.hook.diffsteer_setup(call=call)
+            collect_weight_overrides(call, self.unet, self.text_encoder)
             warn_about_prompts(call)
             images = self._generate(call, latents, image, progress)
         except BaseException as exc:
@@ -324,7 +327,7 @@ class Pipeline:
         call.hook.diffsteer_attention_patches(call=call, register=patches.append)
         processors = compile_patches(patches, self.unet.attention_layers()) if patches else {}
 
-        call.unet_context = ForwardContext(processors=processors)
+        call.unet_context = dataclasses.replace(call.unet_context or ForwardContext(), processors=processors)
         for index, t in enumerate(timesteps):
             step = StepState(index=index, timestep=t, latents=latents, num_steps=len(timesteps))
             call.step = step

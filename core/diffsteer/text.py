@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 import threading
+from contextvars import ContextVar
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer
+
+from .models.context import PATH_ATTR, WeightPatch, name_layers, patched_linear
 
 
 def _text_transformer(encoder: CLIPTextModel) -> torch.nn.Module:
@@ -64,9 +67,13 @@ class PromptEncoder:
         """Hidden states ``(len(texts), max_length, hidden)``."""
         return self.encode_ids(self.token_ids(texts), clip_skip)
 
-    def with_tokens(self, table: "TokenTable") -> "PromptEncoder":
-        """An encoder over the same models that also knows ``table``'s tokens (it changes neither model)."""
-        return PromptEncoder(TokenizerView(self.tokenizer, table), EncoderView(self.encoder, table))  # type: ignore[arg-type]
+    def with_tokens(self, table: "Union[TokenTable, EncoderScope]") -> "PromptEncoder":
+        """An encoder over the same models that also knows ``table``'s tokens (it changes neither model).
+
+        Given an :class:`EncoderScope`, the encoder also applies the scope's weight patches.
+        """
+        scope = table if isinstance(table, EncoderScope) else EncoderScope(table)
+        return PromptEncoder(TokenizerView(self.tokenizer, scope.table), EncoderView(self.encoder, scope))  # type: ignore[arg-type]
 
 
 # -- tokens added for one call (textual inversion) -----------------------------------------------------------------
@@ -74,7 +81,7 @@ class PromptEncoder:
 # The pipeline's tokenizer and text encoder are shared by concurrent calls, so a call never adds tokens to them.
 # Instead each call owns a TokenTable; the call's PromptEncoder reads through a tokenizer view (which splits the
 # table's tokens out of the text before the shared tokenizer sees it) and an encoder view (which swaps the table's
-# vectors in for those ids inside the shared encoder's token embedding, through a thread-local context).
+# vectors in for those ids inside the shared encoder's token embedding, through the call's EncoderScope).
 
 
 class TokenTable:
@@ -269,67 +276,115 @@ class TokenizerView:
         return BatchEncoding(data, tensor_type=return_tensors)
 
 
-class _Substitution(threading.local):
-    """The token table the current thread's encoder call substitutes (None: the encoder runs unchanged)."""
+class EncoderScope:
+    """What one call changes in the shared text encoder, without changing it.
 
-    table: Optional[TokenTable] = None
-    positions: Optional[torch.Tensor] = None
-    rows: Optional[torch.Tensor] = None
+    ``table`` holds the call's added tokens; ``weights`` the weight patches of the encoder's linear layers
+    (keyed by module path, set by :func:`~diffsteer.overrides.collect_weight_overrides`). One mechanism
+    serves both: an :class:`EncoderView` activates its scope for the duration of one encoder forward, and
+    hooks on the shared encoder's token embedding and linears read it. The encoder belongs to
+    transformers, so its forward cannot take the scope as an argument (as the UNet's takes its
+    :class:`~diffsteer.models.context.ForwardContext`); a :class:`contextvars.ContextVar` carries it
+    instead, so concurrent calls in other threads see only their own scope, or none.
+    """
+
+    def __init__(self, table: TokenTable, weights: Optional[Mapping[str, WeightPatch]] = None) -> None:
+        self.table = table
+        self.weights: Mapping[str, WeightPatch] = dict(weights or {})
 
 
-_SUBSTITUTION = _Substitution()
+class _EncoderPass:
+    """One encoder forward under a scope: which ids the embedding hooks swapped (set between the hooks)."""
+
+    def __init__(self, scope: EncoderScope, tokens: bool) -> None:
+        self.scope, self.tokens = scope, tokens
+        self.positions: Optional[torch.Tensor] = None
+        self.rows: Optional[torch.Tensor] = None
+
+
+_ACTIVE: ContextVar[Optional[_EncoderPass]] = ContextVar("diffsteer_encoder_pass", default=None)
 _HOOKS_LOCK = threading.Lock()
 
 
 def _before_embedding(module: torch.nn.Module, args: tuple) -> Optional[tuple]:
-    table = _SUBSTITUTION.table
-    if table is None:
+    active = _ACTIVE.get()
+    if active is None or not active.tokens:
         return None
+    table = active.scope.table
     ids = args[0]
     new = ids >= table.base_size
-    _SUBSTITUTION.positions = new
-    _SUBSTITUTION.rows = (ids - table.base_size).clamp(min=0)
+    active.positions = new
+    active.rows = (ids - table.base_size).clamp(min=0)
     return (ids.masked_fill(new, 0),) + tuple(args[1:])
 
 
 def _after_embedding(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> Optional[torch.Tensor]:
-    table, new = _SUBSTITUTION.table, _SUBSTITUTION.positions
-    if table is None or new is None:
+    active = _ACTIVE.get()
+    if active is None or active.positions is None or active.rows is None:
         return None
-    vectors = table.vectors.to(device=out.device, dtype=out.dtype)
-    swapped = vectors[_SUBSTITUTION.rows.to(out.device)]
-    return torch.where(new.to(out.device)[..., None], swapped, out)
+    vectors = active.scope.table.vectors.to(device=out.device, dtype=out.dtype)
+    swapped = vectors[active.rows.to(out.device)]
+    return torch.where(active.positions.to(out.device)[..., None], swapped, out)
+
+
+def _patched_linear_hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> Optional[torch.Tensor]:
+    active = _ACTIVE.get()
+    if active is None or not active.scope.weights:
+        return None
+    patch = active.scope.weights.get(getattr(module, PATH_ATTR, ""))
+    # Recomputed from the input: a hook cannot swap the weight before the shared layer runs. Only patched
+    # layers pay it, once per prompt encoding.
+    return None if patch is None else patched_linear(module, args[0], patch)  # type: ignore[arg-type]
+
+
+def _install_hooks(encoder: torch.nn.Module, weights: bool) -> None:
+    """Hook the shared encoder once: its token embedding always, its linears once a scope patches weights."""
+    embedding = encoder.get_input_embeddings()  # type: ignore[operator]
+    with _HOOKS_LOCK:
+        if not getattr(embedding, "_diffsteer_token_hooks", False):
+            embedding.register_forward_pre_hook(_before_embedding)
+            embedding.register_forward_hook(_after_embedding)
+            embedding._diffsteer_token_hooks = True
+        if weights and not getattr(encoder, "_diffsteer_weight_hooks", False):
+            name_layers(encoder)
+            for module in encoder.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.register_forward_hook(_patched_linear_hook)
+            encoder._diffsteer_weight_hooks = True
 
 
 class EncoderView:
-    """A text encoder that embeds a :class:`TokenTable`'s ids with the table's vectors; else the shared encoder.
+    """A text encoder seen through an :class:`EncoderScope`: the scope's tokens and weights; else the shared encoder.
 
-    The shared encoder's token embedding gets two hooks, once: they do nothing unless the calling thread is
-    inside an ``EncoderView`` call, so other threads (and calls without added tokens) see the plain encoder.
+    Calls without added tokens in their ids and without weight patches run the shared encoder untouched.
     """
 
-    def __init__(self, encoder: CLIPTextModel, table: TokenTable) -> None:
-        self._encoder, self._table = encoder, table
-        embedding = encoder.get_input_embeddings()
-        with _HOOKS_LOCK:
-            if not getattr(embedding, "_diffsteer_token_hooks", False):
-                embedding.register_forward_pre_hook(_before_embedding)
-                embedding.register_forward_hook(_after_embedding)
-                embedding._diffsteer_token_hooks = True
+    def __init__(self, encoder: CLIPTextModel, scope: Union[EncoderScope, TokenTable]) -> None:
+        self._encoder = encoder
+        self._scope = scope if isinstance(scope, EncoderScope) else EncoderScope(scope)
+        _install_hooks(encoder, weights=False)
+
+    @property
+    def scope(self) -> EncoderScope:
+        return self._scope
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._encoder, name)
 
     def __call__(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not len(self._table) or int(input_ids.max()) < self._table.base_size:
+        table, weights = self._scope.table, self._scope.weights
+        tokens = bool(len(table)) and int(input_ids.max()) >= table.base_size
+        if not tokens and not weights:
             return self._encoder(input_ids, *args, **kwargs)
-        if int(input_ids.max()) >= self._table.base_size + len(self._table):
+        if tokens and int(input_ids.max()) >= table.base_size + len(table):
             raise ValueError(f"token id {int(input_ids.max())} is beyond this call's vocabulary")
-        _SUBSTITUTION.table = self._table
+        if weights:
+            _install_hooks(self._encoder, weights=True)
+        active = _ACTIVE.set(_EncoderPass(self._scope, tokens))
         try:
             return self._encoder(input_ids, *args, **kwargs)
         finally:
-            _SUBSTITUTION.table = _SUBSTITUTION.positions = _SUBSTITUTION.rows = None
+            _ACTIVE.reset(active)
 
 
 def token_table_for(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, parent: Optional[TokenTable] = None) -> TokenTable:

@@ -119,8 +119,11 @@ def _effective(
 def linear(layer: nn.Linear, x: torch.Tensor, context: Optional[ForwardContext] = None) -> torch.Tensor:
     """``layer(x)``, with the weights that ``context`` gives this layer."""
     patch = _patch_for(layer, context)
-    if patch is None:
-        return layer(x)
+    return layer(x) if patch is None else patched_linear(layer, x, patch)
+
+
+def patched_linear(layer: nn.Linear, x: torch.Tensor, patch: WeightPatch) -> torch.Tensor:
+    """``layer(x)`` with ``patch`` applied to its weights (the layer itself is not changed)."""
     weight, bias, factored = _effective(layer.weight, layer.bias, patch, x.numel() // x.shape[-1])
     out = F.linear(x, weight, bias)
     for lr in factored:
