@@ -184,12 +184,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .pipeline import Pipeline
-    from .shapes.benchmark import score_model
+    from .shapes.benchmark import score_model, score_strict
 
     pipe = Pipeline.from_pretrained(args.model, scheduler="ddim")
-    bar = tqdm(total=args.single + args.double + args.position, desc="evaluating", unit="img", disable=args.quiet)
-    score = score_model(pipe, n_single=args.single, n_double=args.double, n_position=args.position, steps=args.steps,
-                        progress=lambda done, total: bar.update(done - bar.n))
+    n_open = args.open if args.strict else 0
+    bar = tqdm(total=args.single + args.double + args.position + n_open, desc="evaluating", unit="img",
+               disable=args.quiet)
+    counts = dict(n_single=args.single, n_double=args.double, n_position=args.position, steps=args.steps,
+                  progress=lambda done, total: bar.update(done - bar.n))
+    score = score_strict(pipe, n_open=n_open, **counts) if args.strict else score_model(pipe, **counts)
     bar.close()
     print(score.table())
     return 0
@@ -245,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--double", type=int, default=72, help="two-object prompts")
     ev.add_argument("--position", type=int, default=96, help="single-object prompts with a position")
     ev.add_argument("--steps", type=int, default=20, help="denoising steps per image")
+    ev.add_argument("--strict", action="store_true", help="also judge strictly, on fresh seeds: exact object count, "
+                    "colour share, shape IoU (diffsteer.shapes.strict)")
+    ev.add_argument("--open", type=int, default=48, help="colour-open prompts ('a circle'), with --strict")
     ev.add_argument("-q", "--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
 

@@ -2,15 +2,19 @@
 
 ``diffsteer eval shapes [--model DIR]`` prints the table that the model card reports. Settings follow
 the model card: DDIM, 20 steps, CFG 7.5, generation seeds from 10_000 up (training never draws them).
+``--strict`` judges fresh seeds (from 50_000) with both that evaluator and the strict one (:mod:`.strict`), per
+prompt kind, colour-open prompts ("a circle") included.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 from .evaluate import evaluate_caption
+from .strict import STRICT_CRITERIA, evaluate_strict
 from .vocab import BACKGROUNDS, COLOURS, EXTRA_SHAPES, POSITION_PHRASE, POSITIONS, SHAPES
 
 EVAL_SEED_BASE = 10_000
@@ -47,6 +51,34 @@ def eval_prompts(n_single: int = 144, n_double: int = 72, n_position: int = 96) 
         + pairs
         + [placed[i % len(placed)] for i in range(n_position)]
     )
+
+
+def generate(
+    pipe: Any,
+    prompts: list[str],
+    seed_base: int,
+    *,
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    batch: int = 24,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Iterator[tuple[Any, str]]:
+    """(image, prompt) for each prompt, the i-th generated with seed ``seed_base + i`` in batches of ``batch``."""
+    import torch
+
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        gens = [torch.Generator().manual_seed(seed_base + start + i) for i in range(len(chunk))]
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens).images
+        yield from zip(images, chunk)
+        if progress:
+            progress(min(start + batch, len(prompts)), len(prompts))
+
+
+def rate(rows: list[dict[str, Any]], key: str) -> float:
+    """Fraction of rows where ``key`` holds, among those where it applies (is not None); 0 when none does."""
+    vals = [r[key] for r in rows if r[key] is not None]
+    return sum(vals) / max(len(vals), 1)
 
 
 @dataclass
@@ -87,28 +119,15 @@ def score_model(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> ShapesScore:
     """Generate one image per prompt (seed ``EVAL_SEED_BASE + i``) and score it."""
-    import torch
-
     prompts = eval_prompts(n_single, n_double, n_position)
-    results = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
-        gens = [torch.Generator().manual_seed(EVAL_SEED_BASE + start + i) for i in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens).images
-        results += [
-            {**evaluate_caption(img, p), "shape_strict": evaluate_caption(img, p, SHAPES + EXTRA_SHAPES)["shape"]}
-            for img, p in zip(images, chunk)
-        ]
-        if progress:
-            progress(min(start + batch, len(prompts)), len(prompts))
+    results = [
+        {**evaluate_caption(img, p), "shape_strict": evaluate_caption(img, p, SHAPES + EXTRA_SHAPES)["shape"]}
+        for img, p in generate(pipe, prompts, EVAL_SEED_BASE, steps=steps, guidance_scale=guidance_scale,
+                               batch=batch, progress=progress)
+    ]
     single, double, placed = (
         results[:n_single], results[n_single : n_single + n_double], results[n_single + n_double :]
     )
-
-    def rate(rows: list[dict], key: str) -> float:
-        vals = [r[key] for r in rows if r[key] is not None]
-        return sum(vals) / max(len(vals), 1)
-
     return ShapesScore(
         colour=rate(single, "colour"),
         shape=rate(single, "shape"),
@@ -120,3 +139,111 @@ def score_model(
         n_double=len(double),
         n_position=len(placed),
     )
+
+
+# --- strict evaluation (issue 14) -------------------------------------------------------------------------------------
+
+#: Generation seeds of the strict evaluation: neither training nor any test draws them (tests use EVAL_SEED_BASE).
+STRICT_SEED_BASE = 50_000
+
+#: Prompt kinds of the strict table: (key, label, the old table's criteria for it, strict target from issue 14).
+STRICT_KINDS: tuple[tuple[str, str, tuple[str, ...], float], ...] = (
+    ("single", "single object, colour and shape named", ("colour", "shape"), 0.95),
+    ("double", "two objects", ("both_colours",), 0.85),
+    ("open", 'colour-open ("a circle"), any one colour', ("shape",), 0.90),
+    ("position", "position words", ("position",), 0.95),
+)
+
+
+def open_prompts(n: int) -> list[str]:
+    """``n`` colour-open single-object prompts, every shape with each background and with none named."""
+    options = [f"a {s}{f' on a {b} background' if b else ''}" for b in (*BACKGROUNDS, None) for s in SHAPES]
+    return [options[i % len(options)] for i in range(n)]
+
+
+@dataclass
+class StrictScore:
+    """Old and strict results per prompt kind (rows of :func:`evaluate_caption` and :func:`evaluate_strict` dicts)."""
+
+    old: dict[str, list[dict[str, Any]]]
+    strict: dict[str, list[dict[str, Any]]]
+
+    def clean(self, kind: str) -> float:
+        """Fraction of a kind's images that are strictly clean."""
+        return rate(self.strict[kind], "clean")
+
+    @property
+    def background(self) -> float:
+        """Strict background accuracy over every image (the named one where named, plain white or black always)."""
+        return rate([r for rows in self.strict.values() for r in rows], "background")
+
+    def table(self) -> str:
+        """Markdown: per prompt kind the old evaluator's figures and the strict clean rate; then each strict
+        criterion's pass rate per kind, to see why images are not clean."""
+        lines = [
+            "| prompt kind | images | old: headline | old: every criterion | strict: clean | target |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, label, headline, target in STRICT_KINDS:
+            old = self.old[key]
+            figures = ", ".join(f"{c.replace('_', ' ')} {100 * rate(old, c):.1f}%" for c in headline)
+            lines.append(
+                f"| {label} | {len(old)} | {figures} | {100 * rate(old, 'all'):.1f}% | {100 * self.clean(key):.1f}% "
+                f"| ≥ {100 * target:.0f}% |"
+            )
+        every_old = [r for rows in self.old.values() for r in rows]
+        lines.append(
+            f"| background (every prompt) | {len(every_old)} | background {100 * rate(every_old, 'background'):.1f}% "
+            f"| — | {100 * self.background:.1f}% | 100% |"
+        )
+        lines += ["", "| strict criterion | " + " | ".join(label for _, label, _, _ in STRICT_KINDS) + " |",
+                  "|---" * (len(STRICT_KINDS) + 1) + "|"]
+        for criterion in STRICT_CRITERIA:
+            cells = []
+            for key, *_ in STRICT_KINDS:
+                applies = [r for r in self.strict[key] if r[criterion] is not None]
+                cells.append(f"{100 * rate(applies, criterion):.1f}%" if applies else "—")
+            if any(c != "—" for c in cells):  # no row for a criterion no prompt names (size)
+                lines.append(f"| {criterion} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def strict_prompts(
+    n_single: int = 144, n_double: int = 72, n_open: int = 48, n_position: int = 96
+) -> dict[str, list[str]]:
+    """The strict evaluation's prompts per kind: those of :func:`eval_prompts` plus colour-open ones."""
+    prompts = eval_prompts(n_single, n_double, n_position)
+    return {
+        "single": prompts[:n_single],
+        "double": prompts[n_single : n_single + n_double],
+        "open": open_prompts(n_open),
+        "position": prompts[n_single + n_double :],
+    }
+
+
+def score_strict(
+    pipe: Any,
+    *,
+    n_single: int = 144,
+    n_double: int = 72,
+    n_open: int = 48,
+    n_position: int = 96,
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    batch: int = 24,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> StrictScore:
+    """Generate one image per prompt of :func:`strict_prompts` (seed ``STRICT_SEED_BASE + i``, fresh seeds no test
+    tuned on) and judge each with both the old and the strict evaluator."""
+    kinds = strict_prompts(n_single, n_double, n_open, n_position)
+    prompts = [p for rows in kinds.values() for p in rows]
+    judged = [
+        (evaluate_caption(img, p), evaluate_strict(img, p))
+        for img, p in generate(pipe, prompts, STRICT_SEED_BASE, steps=steps, guidance_scale=guidance_scale,
+                               batch=batch, progress=progress)
+    ]
+    score, start = StrictScore({}, {}), 0
+    for key, rows in kinds.items():
+        chunk, start = judged[start : start + len(rows)], start + len(rows)
+        score.old[key], score.strict[key] = [o for o, _ in chunk], [s for _, s in chunk]
+    return score
