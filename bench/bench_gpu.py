@@ -6,6 +6,8 @@ loads them into both libraries and times whole calls (text encoding, CFG, DDIM, 
     python bench/bench_gpu.py --out bench/gpu.md                  # 512 px, 30 steps, every row
     python bench/bench_gpu.py --quick --out bench/gpu.md          # 10 steps, the four rows the targets need
     python bench/bench_gpu.py --device cpu --quick --backend eager --out /tmp/t.md   # tiny model, a smoke test
+    python bench/bench_gpu.py --device cpu --full-size --size 256 --steps 2 --repeats 1 \
+        --eager bf16:1 --only eager --only compiled --compile-dtype bf16   # compiled bf16 on a CPU
 
 Rows: eager fp16/bf16 at batch 1 and 4; ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs)
 at fp16 batch 1 for both libraries; and a SEGA + SAG + ControlNet stack in diffsteer, eager and compiled
@@ -35,20 +37,10 @@ for src in [ROOT / "core", *sorted((ROOT / "plugins").glob("*/src"))]:
     if str(src) not in sys.path:
         sys.path.append(str(src))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
+from bench_core import PROMPT, SD15_UNET, SD15_VAE  # noqa: E402
 
-PROMPT = "a red circle and a blue square on a white background"
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
-)
-SD15_VAE = dict(
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
-)
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 # The same layout at a width a CPU runs in seconds (the --device cpu smoke test).
 TINY_UNET = dict(SD15_UNET, block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, norm_num_groups=16)
@@ -211,10 +203,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (eager/aot_eager for smoke tests)")
     parser.add_argument("--compile-dtype", default="fp16", choices=sorted(DTYPES), help="dtype of the compiled rows")
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same layout (default on CPU)")
+    parser.add_argument("--full-size", action="store_true", help="SD 1.5-size weights also on CPU")
+    parser.add_argument("--eager", nargs="+", default=None, metavar="DTYPE:BATCH",
+                        help="the eager rows, e.g. fp16:1 bf16:4 (default: all four; --quick: fp16:1 bf16:4)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     cpu = not args.device.startswith("cuda")
-    args.tiny = args.tiny or cpu
+    args.tiny = args.tiny or (cpu and not args.full_size)
     args.size = args.size or (64 if cpu else 512)
     args.steps = args.steps or (10 if args.quick else 30)
     groups = set(args.only or ("eager", "compiled", "stack"))
@@ -224,6 +219,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     bench = Bench(args)
     models = Models(args.device, args.tiny)
     eager_cfgs = [("fp16", 1), ("bf16", 4)] if args.quick else [("fp16", 1), ("fp16", 4), ("bf16", 1), ("bf16", 4)]
+    if args.eager:
+        eager_cfgs = [(d, int(b)) for d, _, b in (item.partition(":") for item in args.eager)]
     if "eager" in groups:
         for dname, batch in eager_cfgs:
             def eager_row(dname: str = dname, batch: int = batch) -> str:

@@ -110,13 +110,18 @@ class WeightOverrides:
         return value.detach()
 
     # -- registration --------------------------------------------------------------------------------------------------
-    def add_delta(self, owner: str, name: str, delta: torch.Tensor, *, model: str = "unet") -> None:
-        """Add ``delta`` to parameter ``name`` for this call (summed with other plugins' deltas)."""
+    def _param(self, owner: str, name: str, model: str) -> tuple[_Layer, str, torch.Tensor]:
+        """The layer entry, ``"weight"``/``"bias"`` and the shared parameter that ``name`` names."""
         path, kind = self._split(owner, name)
         layer = self._layer(owner, model, path)
         param = getattr(layer.module, kind)
         if param is None:
             raise PluginError(owner, f"cannot override {name!r}: the layer has no bias")
+        return layer, kind, param
+
+    def add_delta(self, owner: str, name: str, delta: torch.Tensor, *, model: str = "unet") -> None:
+        """Add ``delta`` to parameter ``name`` for this call (summed with other plugins' deltas)."""
+        layer, kind, param = self._param(owner, name, model)
         delta = self._tensor(owner, f"the delta of {name!r}", delta, param).to(param.device, torch.float32)
         attr = "delta" if kind == "weight" else "bias_delta"
         current = getattr(layer, attr)
@@ -155,11 +160,7 @@ class WeightOverrides:
 
     def replace(self, owner: str, name: str, value: torch.Tensor, *, model: str = "unet") -> None:
         """Use ``value`` as parameter ``name`` for this call; a second replacement of it is a conflict."""
-        path, kind = self._split(owner, name)
-        layer = self._layer(owner, model, path)
-        param = getattr(layer.module, kind)
-        if param is None:
-            raise PluginError(owner, f"cannot override {name!r}: the layer has no bias")
+        layer, kind, param = self._param(owner, name, model)
         value = self._tensor(owner, f"the replacement of {name!r}", value, param)
         current = getattr(layer, kind)
         if current is not None:
