@@ -63,7 +63,8 @@ def test_plugins_command_lists_entry_points(tmp_path):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: diffsteer-demo\nVersion: 0.3.0\n")
     (info / "entry_points.txt").write_text("[diffsteer]\ndemo = diffsteer_demo:Demo\n")
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "DIFFSTEER_CACHE_DIR": str(tmp_path / "cache")}
     res = subprocess.run([sys.executable, "-m", "diffsteer.cli", "plugins", "--json"], capture_output=True,
                          text=True, env=env, check=True)
     rows = {r["name"]: r for r in json.loads(res.stdout)}
@@ -318,3 +319,53 @@ def test_every_option_help_states_its_default(capsys):
             main([name, "--help"])
         text = capsys.readouterr().out
         assert "(default: " in text or name == "plugins", name
+
+
+def _demo_plugin(tmp_path, hooks: str) -> dict:
+    pkg = tmp_path / "diffsteer_demo"
+    pkg.mkdir(exist_ok=True)
+    (pkg / "__init__.py").write_text("from diffsteer import Plugin, hookimpl\nclass Demo(Plugin):\n    name = 'demo'\n"
+                                     + hooks)
+    info = tmp_path / "diffsteer_demo-0.3.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: diffsteer-demo\nVersion: 0.3.0\n")
+    (info / "entry_points.txt").write_text("[diffsteer]\ndemo = diffsteer_demo:Demo\n")
+    return {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "DIFFSTEER_CACHE_DIR": str(tmp_path / "cache")}
+
+
+LIST_AND_SAY_IF_TORCH_LOADED = (
+    "import io, json, sys, contextlib\nfrom diffsteer.cli import main\nout = io.StringIO()\n"
+    "with contextlib.redirect_stdout(out):\n    main(['plugins', '--json'])\n"
+    "rows = {r['name']: r for r in json.loads(out.getvalue())}\n"
+    "print(json.dumps({'demo': rows['demo'], 'torch': 'torch' in sys.modules}))\n"
+)
+
+
+def test_plugins_listing_is_cached_until_a_plugin_changes(tmp_path):
+    post = "    @hookimpl\n    def diffsteer_post_step(self, call, step):\n        pass\n"
+    env = _demo_plugin(tmp_path, post)
+
+    def listing() -> dict:
+        res = subprocess.run([sys.executable, "-c", LIST_AND_SAY_IF_TORCH_LOADED], capture_output=True, text=True,
+                             env=env, check=True)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    first = listing()
+    assert first["demo"]["hooks"] == ["post_step"] and first["torch"]  # cold: the plugin was imported
+    again = listing()
+    assert again["demo"]["hooks"] == ["post_step"] and not again["torch"]  # warm: nothing heavy imported
+    pre = "    @hookimpl\n    def diffsteer_pre_step(self, call, step):\n        pass\n"
+    _demo_plugin(tmp_path, post + pre + "# changed\n")
+    assert listing()["demo"]["hooks"] == ["post_step", "pre_step"]  # an edited plugin is read again
+    _demo_plugin(tmp_path, "    raise RuntimeError('broken on import')\n")
+    broken = listing()["demo"]
+    assert broken["hooks"] == [] and "broken on import" in broken["error"]
+    assert "broken on import" in listing()["demo"]["error"]  # errors are not cached
+
+
+def test_importing_the_cli_does_not_import_torch():
+    res = subprocess.run([sys.executable, "-c", "import sys, diffsteer, diffsteer.cli; "
+                          "from diffsteer.cli import build_parser; build_parser(); print('torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"

@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .attention_patches import AttentionPatch
-from .branches import BranchLayout, BranchPredictions
 from .errors import (
     DiffsteerError,
     GenerationError,
@@ -21,12 +19,14 @@ from .errors import (
     PluginNotFoundError,
     SettingsError,
 )
-from .hookspecs import hookimpl
-from .plugins import Plugin
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .attention_patches import AttentionPatch
+    from .branches import BranchLayout, BranchPredictions
     from .call import GenerationCall, StepState, UNetInputs
+    from .hookspecs import hookimpl
     from .pipeline import Pipeline, PipelineOutput
+    from .plugins import Plugin
 
 __all__ = [
     "AttentionPatch", "BranchLayout", "BranchPredictions", "DiffsteerError", "GenerationCall",
@@ -34,16 +34,27 @@ __all__ = [
     "PluginNotFoundError", "SettingsError", "StepState", "UNetInputs", "hookimpl",
 ]
 
+# Everything that imports torch, transformers or pydantic is loaded on first use, so `import diffsteer`
+# (and with it `diffsteer --help`) stays fast and plugin packages load only what they touch.
 _LAZY = {
-    "Pipeline": ".pipeline", "PipelineOutput": ".pipeline",
+    "AttentionPatch": ".attention_patches",
+    "BranchLayout": ".branches", "BranchPredictions": ".branches",
     "GenerationCall": ".call", "StepState": ".call", "UNetInputs": ".call",
+    "hookimpl": ".hookspecs",
+    "Pipeline": ".pipeline", "PipelineOutput": ".pipeline",
+    "Plugin": ".plugins",
 }
 
 
 def __getattr__(name: str) -> Any:
-    # The pipeline pulls in transformers; plugin packages that only need hookimpl/Plugin stay light.
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'diffsteer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -44,25 +44,9 @@ def read_parameters(path: Path) -> dict[str, Any]:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import implemented_hooks, installed_plugins
+    from .plugin_index import plugin_rows
 
-    rows = []
-    for name, ep in sorted(installed_plugins().items()):
-        dist = ep.dist
-        try:
-            hooks = implemented_hooks(ep.load())
-            problem = ""
-        except Exception as exc:  # a broken plugin must not hide the others
-            hooks, problem = [], f"{type(exc).__name__}: {exc}"
-        rows.append(
-            {
-                "name": name,
-                "distribution": dist.name if dist else "?",
-                "version": dist.version if dist else "?",
-                "hooks": [h.removeprefix("diffsteer_") for h in hooks],
-                "error": problem,
-            }
-        )
+    rows = plugin_rows()
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -273,12 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import DiffsteerError
-    from .loading.errors import ModelLoadError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (DiffsteerError, ModelLoadError, ValueError) as exc:
+    except (DiffsteerError, ValueError) as exc:  # ModelLoadError is a DiffsteerError
         # Bad input is the user's to fix: a clear line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
