@@ -369,3 +369,19 @@ def test_importing_the_cli_does_not_import_torch():
                           "from diffsteer.cli import build_parser; build_parser(); print('torch' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
+
+
+def test_a_short_eval_says_which_words_it_leaves_out(tiny_sd1, capsys):
+    from diffsteer.shapes.benchmark import eval_prompts
+    from diffsteer.shapes_cli import eval_coverage_notes
+
+    assert main(["eval", "shapes", "--model", str(tiny_sd1), "--single", "4", "--double", "0", "--position", "0",
+                 "--steps", "1", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --single 4 does not cover the vocabulary (no colours: blue, green, yellow; no shapes: triangle)" \
+        in err
+    # the count it recommends does cover everything, and the default counts need no warning
+    enough = int(err.split("--single ")[-1].split()[0])
+    colours = {w for p in eval_prompts(enough, 0, 0) for w in ("red", "green", "blue", "yellow") if w in p}
+    assert colours == {"red", "green", "blue", "yellow"} and not eval_coverage_notes(enough, 0, 0)
+    assert eval_coverage_notes(144, 72, 96) == []

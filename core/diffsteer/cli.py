@@ -169,7 +169,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .pipeline import Pipeline
     from .shapes.benchmark import score_model, score_strict
+    from .shapes_cli import eval_coverage_notes
 
+    # A short run (--single 4) would otherwise report "colour 100%" from red prompts alone.
+    for note in eval_coverage_notes(args.single, args.double, args.position):
+        print(f"warning: {note}", file=sys.stderr)
     pipe = Pipeline.from_pretrained(args.model, scheduler="ddim")
     n_open = args.open if args.strict else 0
     bar = tqdm(total=args.single + args.double + args.position + n_open, desc="evaluating", unit="img",

@@ -41,3 +41,43 @@ def cmd_shapes(args: argparse.Namespace) -> int:
         image.convert("RGB").save(tmp, format=fmt, **options)
     print(out)
     return 0
+
+
+def _covered(prompts: list[str]) -> dict[str, set[str]]:
+    from .shapes.vocab import parse_caption
+
+    seen: dict[str, set[str]] = {"colours": set(), "shapes": set(), "backgrounds": set(), "positions": set()}
+    for prompt in prompts:
+        spec = parse_caption(prompt)
+        seen["backgrounds"].add(spec.background or "")
+        for obj in spec.objects:
+            seen["colours"].add(obj.colour or "")
+            seen["shapes"].add(obj.shape or "")
+            seen["positions"].add(obj.position or "")
+    return seen
+
+
+def eval_coverage_notes(n_single: int, n_double: int, n_position: int) -> list[str]:
+    """What a short ``eval shapes`` run leaves out: per prompt kind, the colours, shapes, backgrounds (and, for
+    positioned prompts, positions) its prompts never name, and the count that would cover them all."""
+    from .shapes.benchmark import eval_prompts
+    from .shapes.vocab import BACKGROUNDS, COLOURS, POSITIONS, SHAPES
+
+    wanted = {"colours": set(COLOURS), "shapes": set(SHAPES), "backgrounds": set(BACKGROUNDS)}
+    kinds = [("--single", n_single, lambda n: eval_prompts(n, 0, 0), wanted),
+             ("--double", n_double, lambda n: eval_prompts(0, n, 0), wanted),
+             ("--position", n_position, lambda n: eval_prompts(0, 0, n), {**wanted, "positions": set(POSITIONS)})]
+    notes = []
+    for option, count, prompts, need in kinds:
+        if count <= 0:
+            continue
+        seen = _covered(prompts(count))
+        missing = {k: sorted(v - seen[k]) for k, v in need.items() if v - seen[k]}
+        if not missing:
+            continue
+        enough = next((n for n in range(count + 1, 4097)
+                       if all(need[k] <= _covered(prompts(n))[k] for k in need)), None)
+        gaps = "; ".join(f"no {k}: {', '.join(v)}" for k, v in missing.items())
+        notes.append(f"{option} {count} does not cover the vocabulary ({gaps}), so its figures say nothing about "
+                     f"those words" + (f"; {option} {enough} covers every one" if enough else ""))
+    return notes
