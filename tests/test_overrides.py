@@ -263,3 +263,23 @@ def test_concurrent_calls_with_different_overrides_match_serial_calls(pipe):
     for i, want in enumerate(serial):
         assert torch.equal(results[i], want), i
     assert_unchanged(pipe, before)
+
+
+def test_patches_can_keep_only_some_plugins(pipe):
+    # What a step window needs: the same registrations, without one plugin's changes.
+    from diffsteer.overrides import WeightOverrides
+
+    weights = WeightOverrides({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    lora(0)(weights, "lora")
+    edit(10)(weights, "edit")
+    weights.add_delta("tweak", f"{CROSS_K}.weight", randn(32, 32, seed=5))
+    assert weights.owners() == ["lora", "edit", "tweak"]
+    everything = weights.patches("unet")
+    assert set(everything) == {CROSS_K, CROSS_V, CONV, PROJ_OUT}
+    no_edit = weights.patches("unet", owners={"lora", "tweak"})
+    assert set(no_edit) == {CROSS_K, CROSS_V, CONV}
+    only_tweak = weights.patches("unet", owners={"tweak"})
+    assert set(only_tweak) == {CROSS_K} and only_tweak[CROSS_K].low_rank == ()
+    assert torch.equal(only_tweak[CROSS_K].delta, randn(32, 32, seed=5))
+    assert len(everything[CROSS_K].low_rank) == 1 and everything[CROSS_K].delta is not None
+    assert weights.patches("text_encoder", owners={"edit"}) == {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Optional
 
 import torch
 from torch import nn
@@ -39,9 +39,9 @@ class _Layer:
     module: nn.Module
     weight: Optional[tuple[str, torch.Tensor]] = None  # (owner, replacement)
     bias: Optional[tuple[str, torch.Tensor]] = None
-    delta: Optional[torch.Tensor] = None  # float32 sums
-    bias_delta: Optional[torch.Tensor] = None
-    low_rank: list[LowRank] = field(default_factory=list)
+    deltas: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (owner, float32 delta)
+    bias_deltas: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    low_rank: list[tuple[str, LowRank]] = field(default_factory=list)
 
 
 class WeightOverrides:
@@ -55,6 +55,7 @@ class WeightOverrides:
     def __init__(self, models: Mapping[str, nn.Module]) -> None:
         self._models = {name: getattr(m, "_orig_mod", m) for name, m in models.items()}  # compiled: the inner model
         self._layers: dict[str, dict[str, _Layer]] = {name: {} for name in self._models}
+        self._owners: dict[str, None] = {}  # insertion-ordered set
 
     # -- what may be overridden ----------------------------------------------------------------------------------------
     def names(self, model: str = "unet") -> list[str]:
@@ -123,9 +124,8 @@ class WeightOverrides:
         """Add ``delta`` to parameter ``name`` for this call (summed with other plugins' deltas)."""
         layer, kind, param = self._param(owner, name, model)
         delta = self._tensor(owner, f"the delta of {name!r}", delta, param).to(param.device, torch.float32)
-        attr = "delta" if kind == "weight" else "bias_delta"
-        current = getattr(layer, attr)
-        setattr(layer, attr, delta.clone() if current is None else current + delta)
+        (layer.deltas if kind == "weight" else layer.bias_deltas).append((owner, delta))
+        self._owners.setdefault(owner)
 
     def add_low_rank(
         self, owner: str, layer: str, down: torch.Tensor, up: torch.Tensor, *, scale: float = 1.0,
@@ -156,7 +156,8 @@ class WeightOverrides:
             raise PluginError(owner, f"the low-rank delta of {layer!r} contains NaN or inf")
         # The scale goes into `up`, so a compiled UNet sees tensors only and a new scale needs no recompile.
         up = up.detach().to(weight.device, torch.float32) * float(scale)
-        entry.low_rank.append(LowRank(down.detach().to(weight.device, weight.dtype), up.to(weight.dtype)))
+        entry.low_rank.append((owner, LowRank(down.detach().to(weight.device, weight.dtype), up.to(weight.dtype))))
+        self._owners.setdefault(owner)
 
     def replace(self, owner: str, name: str, value: torch.Tensor, *, model: str = "unet") -> None:
         """Use ``value`` as parameter ``name`` for this call; a second replacement of it is a conflict."""
@@ -166,23 +167,41 @@ class WeightOverrides:
         if current is not None:
             raise PluginConflictError(f"parameter {name!r} of the {model}", current[0], owner)
         setattr(layer, kind, (owner, value.to(param.device, param.dtype)))
+        self._owners.setdefault(owner)
 
     # -- what the models receive ---------------------------------------------------------------------------------------
     def __bool__(self) -> bool:
         return any(self._layers.values())
 
-    def patches(self, model: str = "unet") -> dict[str, WeightPatch]:
-        """One :class:`WeightPatch` per changed layer of ``model``, keyed by module path, in its dtype."""
+    def owners(self) -> list[str]:
+        """The plugins that registered a change, in registration order."""
+        return list(self._owners)
+
+    def patches(self, model: str = "unet", owners: Optional[Collection[str]] = None) -> dict[str, WeightPatch]:
+        """One :class:`WeightPatch` per changed layer of ``model``, keyed by module path, in its dtype.
+
+        ``owners`` keeps only those plugins' changes (a plugin outside its step window, say); default: all.
+        """
+        def mine(entry: Optional[tuple[str, Any]]) -> bool:
+            return entry is not None and (owners is None or entry[0] in owners)
+
+        def total(deltas: list[tuple[str, torch.Tensor]], dtype: torch.dtype) -> Optional[torch.Tensor]:
+            kept = [d for d in deltas if mine(d)]
+            return None if not kept else torch.stack([d for _, d in kept]).sum(0).to(dtype)
+
         out = {}
         for path, layer in self._layers[model].items():
             dtype = layer.module.weight.dtype
-            out[path] = WeightPatch(
-                weight=None if layer.weight is None else layer.weight[1],
-                bias=None if layer.bias is None else layer.bias[1],
-                delta=None if layer.delta is None else layer.delta.to(dtype),
-                bias_delta=None if layer.bias_delta is None else layer.bias_delta.to(dtype),
-                low_rank=tuple(layer.low_rank),
+            patch = WeightPatch(
+                weight=layer.weight[1] if mine(layer.weight) else None,  # type: ignore[index]
+                bias=layer.bias[1] if mine(layer.bias) else None,  # type: ignore[index]
+                delta=total(layer.deltas, dtype),
+                bias_delta=total(layer.bias_deltas, dtype),
+                low_rank=tuple(entry[1] for entry in layer.low_rank if mine(entry)),
             )
+            fields = (patch.weight, patch.bias, patch.delta, patch.bias_delta)
+            if patch.low_rank or any(f is not None for f in fields):
+                out[path] = patch
         return out
 
 
