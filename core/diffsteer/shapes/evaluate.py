@@ -199,6 +199,29 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
+def region_coverage(arr: np.ndarray, bg: np.ndarray, region: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Sub-pixel coverage (HxW in [0, 1]) of the object in ``region`` of an HxWx3 [0, 255] image on background ``bg``.
+
+    It is the pixels' share along the object's full colour (that of its pixels farthest from the background, the
+    interior), on the region grown by 2 px to catch faint anti-aliased edges but never on ``others`` (other objects'
+    pixels), so anti-aliasing and blur do not bias area, centroid or shape.
+    """
+    dist = np.abs(arr[region] - bg).max(axis=-1)
+    full = arr[region][dist >= 0.8 * dist.max()].mean(axis=0) - bg
+    support = _dilate(region, 2) & ~(others & ~region)
+    return np.clip(((arr - bg) @ full) / max(float(full @ full), 1e-6), 0.0, 1.0) * support
+
+
+def coverage_centroid(alpha: np.ndarray) -> tuple[float, float]:
+    """(x, y) area centroid of an HxW coverage map, in pixels (pixel centres at +0.5)."""
+    h, w = alpha.shape
+    area = float(alpha.sum())
+    return (
+        float((alpha.sum(axis=0) * (np.arange(w) + 0.5)).sum() / area),
+        float((alpha.sum(axis=1) * (np.arange(h) + 0.5)).sum() / area),
+    )
+
+
 # --- shape classification ---------------------------------------------------------------------------------------------
 
 
@@ -249,8 +272,7 @@ def shape_scores(mask: np.ndarray, candidates: tuple[str, ...] = SHAPES) -> dict
     pad = int(math.ceil(math.sqrt(area))) + 2
     a = np.pad(a[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1], pad)
     h, w = a.shape
-    cx = float((a.sum(axis=0) * (np.arange(w) + 0.5)).sum() / area)
-    cy = float((a.sum(axis=1) * (np.arange(h) + 0.5)).sum() / area)
+    cx, cy = coverage_centroid(a)
     scores: dict[str, float] = {}
     for shape in candidates:
         unit_area, y_offset = _unit_geometry(shape)
@@ -299,17 +321,11 @@ def objects(
         taken |= region
     found: list[DetectedObject] = []
     for name, region in regions:
-        # Full object colour: the pixels farthest from the background (the object's interior).
-        dist = np.abs(arr[region] - bg).max(axis=-1)
-        full = arr[region][dist >= 0.8 * dist.max()].mean(axis=0) - bg
-        # Coverage along the object's colour, on the region grown by 2 px to catch faint anti-aliased edges.
-        support = _dilate(region, 2) & ~(taken & ~region)
-        alpha = np.clip(((arr - bg) @ full) / max(float(full @ full), 1e-6), 0.0, 1.0) * support
+        alpha = region_coverage(arr, bg, region, taken)
         area = float(alpha.sum())
         shape = shape_class(alpha, shapes)
         ys, xs = np.nonzero(region)
-        cx = float((alpha.sum(axis=0) * (np.arange(w) + 0.5)).sum() / area)
-        cy = float((alpha.sum(axis=1) * (np.arange(h) + 0.5)).sum() / area)
+        cx, cy = coverage_centroid(alpha)
         size = math.sqrt(area / _unit_geometry(shape)[0])
         box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         found.append(DetectedObject(name, shape, (cx, cy), box, area, size))

@@ -34,13 +34,14 @@ from .evaluate import (
     OBJECT_THRESHOLD,
     ImageLike,
     _background_rgb,
-    _dilate,
     _hue_classes,
     _object_mask,
     _unit_geometry,
     background_colour,
     connected_components,
+    coverage_centroid,
     in_named_half,
+    region_coverage,
     to_array,
 )
 from .vocab import BACKGROUND_RGB, COLOURS, ObjectSpec, parse_caption
@@ -168,8 +169,7 @@ def fit_shape(alpha: np.ndarray, shape: str) -> ShapeFit:
     """Best rotation of the ideal ``shape`` (same area and centroid as ``alpha``, an HxW coverage map) and its IoU."""
     area = float(alpha.sum())
     h, w = alpha.shape
-    cx = float((alpha.sum(axis=0) * (np.arange(w) + 0.5)).sum() / area)
-    cy = float((alpha.sum(axis=1) * (np.arange(h) + 0.5)).sum() / area)
+    cx, cy = coverage_centroid(alpha)
     # A window around the centroid holding the shape at any rotation (a triangle's apex is 4/3 r away), zero-padded
     # where it leaves the image so a cut-off object is not flattered.
     reach = int(math.ceil(1.5 * math.sqrt(area / _unit_geometry(shape)[0]))) + 2
@@ -214,21 +214,13 @@ def find_blobs(img: ImageLike) -> tuple[list[Blob], int]:
         region = labels == i
         hues = cls[region]
         fractions = {name: float((hues == k).mean()) for k, name in enumerate(COLOURS)}
-        # Coverage along the blob's own full colour (its pixels farthest from the background), on the blob grown by
-        # 2 px to catch faint anti-aliased edges but not the pixels of any other foreground.
-        dist = np.abs(arr[region] - bg).max(axis=-1)
-        full = arr[region][dist >= 0.8 * dist.max()].mean(axis=0) - bg
-        support = _dilate(region, 2) & ~(mask & ~region)
-        alpha = np.clip(((arr - bg) @ full) / max(float(full @ full), 1e-6), 0.0, 1.0) * support
-        area = float(alpha.sum())
+        alpha = region_coverage(arr, bg, region, mask)  # stray pixels are not the blob's either
         ys, xs = np.nonzero(region)
-        cx = float((alpha.sum(axis=0) * (np.arange(w) + 0.5)).sum() / area)
-        cy = float((alpha.sum(axis=1) * (np.arange(h) + 0.5)).sum() / area)
         blobs.append(
             Blob(
                 pixels=int(counts[i]),
-                area=area,
-                centroid=(cx, cy),
+                area=float(alpha.sum()),
+                centroid=coverage_centroid(alpha),
                 bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
                 colour_fractions=fractions,
                 fits={s: fit_shape(alpha, s) for s in FIT_SHAPES},
