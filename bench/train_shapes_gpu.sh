@@ -20,18 +20,19 @@ EXTRA=${EXTRA:-}  # more options for every run (a small CPU rehearsal: --n-image
 # Stages 1-3 once (the scenes render on every core), then the other runs reuse those files.
 "${DS[@]}" train shapes --preset v2 --out "$OUT/v2s" --device $DEVICE $EXTRA --threads $T ${SETS[v2s]} --time-steps 8 \
   > "$OUT/prepare.log" 2>&1
+VARIANTS=${VARIANTS:-v2s v2l v2d}
 for v in v2l v2d; do
   mkdir -p "$OUT/$v/work"
   for f in data.safetensors captions.json latents.safetensors; do ln -s "$OUT/v2s/work/$f" "$OUT/$v/work/$f"; done
 done
-for v in "${!SETS[@]}"; do
+for v in $VARIANTS; do
   "${DS[@]}" train shapes --preset v2 --out "$OUT/$v" --device $DEVICE $EXTRA --threads $T ${SETS[$v]} --time-steps 30 \
     > "$OUT/$v-timing.log" 2>&1 &
 done
 wait
 NOW=$(date +%s); LEFT=$(( BUDGET - (NOW - START) - 60 ))
 echo "after timing: $((NOW - START)) s spent, $LEFT s for training"
-for v in "${!SETS[@]}"; do
+for v in $VARIANTS; do
   SPS=$(grep '^seconds per step' "$OUT/$v-timing.log" | awk '{print $4}')
   STEPS=$(python3 -c "print(max(100, int(($LEFT - 25) / $SPS * 0.9)))")
   echo "$v: $SPS s/step -> $STEPS steps"

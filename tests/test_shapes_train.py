@@ -9,8 +9,9 @@ import torch
 from diffsteer.cli import main
 from diffsteer.loading.weights import load_state_dict
 from diffsteer.pipeline import Pipeline
-from diffsteer.shapes.recipe import ShapesRecipe
-from diffsteer.shapes.train import train_shapes
+from diffsteer.loading.pipeline_loader import shipped_model_dir
+from diffsteer.shapes.recipe import ShapesRecipe, preset
+from diffsteer.shapes.train import time_stage4, train_shapes
 
 TINY = dict(
     n_images=96, vae_block_out_channels=(32, 32, 32), vae_steps=2, vae_batch_size=4,
@@ -83,3 +84,51 @@ def test_the_recipe_refuses_an_unknown_probe_attribute():
 
     with pytest.raises(ValidationError, match="(?s)bind_probe_attributes.*must be some of"):
         ShapesRecipe(bind_probe_attributes=("colour3",))
+
+
+# v2 at toy size: its own text encoder and UNet, the packaged VAE.
+TINY_V2 = dict(
+    n_images=96, text_hidden_size=32, text_layers=1, text_heads=2, unet_block_out_channels=(32, 32, 32),
+    unet_attention_heads=2, unet_layers_per_block=2, unet_steps=3, unet_batch_size=4, unet_warmup_steps=0,
+    checkpoint_every=2, mixed_precision="no",
+)
+
+
+def test_v2_times_stage_4_then_trains_on_the_packaged_vae(tmp_path):
+    recipe = preset("v2", **TINY_V2)
+    assert recipe.unet_probe_weight > 0 and recipe.unet_object_weight > 0 and recipe.refine_steps == 0
+    log: list[str] = []
+    seconds = time_stage4(tmp_path, recipe, log.append, steps=3)
+    work = tmp_path / "work"
+    assert seconds > 0 and any("s per step" in line for line in log)
+    # Timing leaves stages 1-3 cached and neither a recipe nor its scratch folder behind.
+    assert not (work / "recipe.json").exists() and not (work / "vae.safetensors").exists()
+    assert sorted(p.name for p in work.iterdir() if p.is_dir()) == ["tokenizer"]
+
+    log.clear()
+    model = train_shapes(tmp_path, recipe, log=log.append)
+    assert not [line for line in log if "rendered" in line or "scaling_factor" in line], log
+    # The VAE is the packaged one, byte for byte; the UNet has the recipe's shape.
+    packaged = _files(shipped_model_dir())
+    assert {k: v for k, v in _files(model).items() if k.startswith("vae/")} == {
+        k: v for k, v in packaged.items() if k.startswith("vae/")}
+    config = json.loads((model / "unet" / "config.json").read_text())
+    assert config["layers_per_block"] == 2 and config["block_out_channels"] == [32, 32, 32]
+    # Stage 4 trained the caption probe with the models (its head is checkpointed, not shipped).
+    ckpt = sorted((work / "unet" / "checkpoints").glob("step-*"))[-1]
+    assert any("caption_probe" in name for name in load_state_dict(ckpt / "trainable.safetensors"))
+    image = Pipeline.from_pretrained(model)("a red circle and a blue square", num_inference_steps=2, seed=0).images[0]
+    assert image.size == (64, 64)
+
+
+def test_train_shapes_refuses_bad_recipe_options(tmp_path, capsys):
+    for argv, wanted in (
+        (["--preset", "v9"], "unknown shapes recipe 'v9'"),
+        (["--set", "unet_colour=3"], "expected FIELD=JSON with FIELD a recipe field"),
+        (["--set", "unet_lr=fast"], "the value is not valid JSON"),
+        (["--set", "unet_lr=-1"], "unet_lr"),
+    ):
+        assert main(["train", "shapes", "--out", str(tmp_path / "x"), *argv]) != 0, argv
+        err = capsys.readouterr().err
+        assert wanted in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "x").exists()

@@ -84,6 +84,7 @@ def _shapes_arguments(parser: argparse.ArgumentParser) -> None:
 def _train_shapes(args: argparse.Namespace) -> int:
     import time
 
+    from .errors import RequestError
     from .shapes.recipe import ShapesRecipe, preset
     from .shapes.train import time_stage4, train_shapes
 
@@ -94,16 +95,13 @@ def _train_shapes(args: argparse.Namespace) -> int:
     for item in args.recipe_set:
         field, sep, text = item.partition("=")
         if not sep or field not in ShapesRecipe.model_fields:
-            raise SystemExit(f"error: --set {item!r}: expected FIELD=JSON with FIELD a recipe field "
-                             f"({', '.join(ShapesRecipe.model_fields)})")
+            raise RequestError(f"--set {item!r}:", f"expected FIELD=JSON with FIELD a recipe field "
+                               f"({', '.join(ShapesRecipe.model_fields)})")
         try:
             overrides[field] = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SystemExit(f"error: --set {item!r}: the value is not valid JSON ({exc.msg})") from None
-    try:
-        recipe = preset(args.preset, **overrides)
-    except ValueError as exc:
-        raise SystemExit(f"error: train shapes: {exc}") from None
+            raise RequestError(f"--set {item!r}:", f"the value is not valid JSON ({exc.msg})") from None
+    recipe = preset(args.preset, **overrides)  # a bad name or value is a ValueError naming it
     log = lambda m: print(time.strftime("%H:%M:%S"), m, flush=True)  # noqa: E731
     if args.time_steps:
         seconds = time_stage4(Path(args.out), recipe, log, device=args.device, threads=args.threads,

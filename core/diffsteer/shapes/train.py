@@ -135,6 +135,9 @@ def render_dataset(
 
 def _render_chunk(job: tuple[ShapesDataset, range]) -> tuple[torch.Tensor, list[str]]:
     ds, rows = job
+    # One thread per worker: a pool of workers each running torch's full thread pool on tiny tensors
+    # oversubscribes the cores many times over (it stalled a 16-core machine for minutes).
+    torch.set_num_threads(1)
     images = torch.empty(len(rows), 3, ds.size, ds.size, dtype=torch.uint8)
     captions = []
     for j, i in enumerate(rows):
@@ -472,8 +475,11 @@ def train_stage5(work: Path, recipe: ShapesRecipe, target: Path, log: Log, *,
         # Stage 3's scaling factor stays: the latent space the UNet learned must not be rescaled.
         mean, _, _ = encode_dataset(work, vae, images, log, name="refine-latents")
         unet, text_encoder = refine_models(work, recipe, unet, text_encoder, mean * scaling, captions, tokenizer, log)
-    shipped_vae = AutoencoderKL.from_config({**recipe.vae_config(), "scaling_factor": scaling})
-    shipped_vae.load_state_dict(vae.cpu().state_dict())
+    if recipe.vae_source == "packaged":
+        shipped_vae = vae.cpu()  # its own config, scaling factor included
+    else:
+        shipped_vae = AutoencoderKL.from_config({**recipe.vae_config(), "scaling_factor": scaling})
+        shipped_vae.load_state_dict(vae.cpu().state_dict())
     return _ship(target, recipe, unet=unet, vae=shipped_vae, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
