@@ -20,6 +20,7 @@ from .evaluate import (
     shape_class,
     shape_scores,
 )
+from .strict import StrictVerdict, clean_rate, evaluate_strict, strict_verdict
 from .vocab import (
     BACKGROUNDS,
     COLOURS,
@@ -61,4 +62,6 @@ __all__ = [
     "image_to_tensor", "load_tokenizer", "mask_iou", "object_count", "object_mask", "objects", "parse_caption",
     "render", "render_depth", "render_mask", "render_outline", "sample_scene", "scene_from_caption", "shape_class",
     "shape_scores", "vocab_size",
+    # the strict evaluator (issue 14), the semantic tests' default check
+    "StrictVerdict", "clean_rate", "evaluate_strict", "strict_verdict",
 ]
