@@ -247,6 +247,8 @@ def test_strict_benchmark_kinds_seeds_and_table():
     assert "| two objects | 4 | both colours 100.0% | 100.0% | 100.0% | ≥ 85% |" in table
     assert "| background (every prompt) | 15 |" in table
     assert "| size |" not in table and "| count | 100.0% | 100.0% | 100.0% | 100.0% |" in table
+    empty = score_strict(_RendererAsModel(), n_single=2, n_double=0, n_open=0, n_position=0).table()
+    assert "| two objects | 0 | — | — | — |" in empty and "| count | 100.0% | — | — | — |" in empty
 
 
 def test_cli_eval_strict(monkeypatch, capsys):

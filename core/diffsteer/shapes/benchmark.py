@@ -186,6 +186,9 @@ class StrictScore:
         ]
         for key, label, headline, target in STRICT_KINDS:
             old = self.old[key]
+            if not old:  # a kind run with a count of 0 has no figures, not 0%
+                lines.append(f"| {label} | 0 | — | — | — | ≥ {100 * target:.0f}% |")
+                continue
             figures = ", ".join(f"{c.replace('_', ' ')} {100 * rate(old, c):.1f}%" for c in headline)
             lines.append(
                 f"| {label} | {len(old)} | {figures} | {100 * rate(old, 'all'):.1f}% | {100 * self.clean(key):.1f}% "
