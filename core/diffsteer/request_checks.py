@@ -23,6 +23,17 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+def _show(number: Any) -> str:
+    return f"{number:g}" if isinstance(number, float) else str(number)
+
+
+def _check_range(name: str, value: Any, minimum: Any, maximum: Any, hint: str) -> None:
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        span = (f"in [{_show(minimum)}, {_show(maximum)}]" if minimum is not None and maximum is not None
+                else f"at least {_show(minimum)}" if minimum is not None else f"at most {_show(maximum)}")
+        raise RequestError(name, f"must be {span}, got {value}{hint}")
+
+
 def check_int(name: str, value: Any, *, minimum: Optional[int] = None, maximum: Optional[int] = None,
               optional: bool = False, hint: str = "") -> None:
     """``value`` is an integer (not a bool or a string) within ``[minimum, maximum]``."""
@@ -30,11 +41,7 @@ def check_int(name: str, value: Any, *, minimum: Optional[int] = None, maximum: 
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise RequestError(name, f"must be an integer, got {value!r} ({_kind(value)})")
-    low = "" if minimum is None else f"at least {minimum}"
-    high = "" if maximum is None else f"at most {maximum}"
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        span = f"in [{minimum}, {maximum}]" if low and high else low or high
-        raise RequestError(name, f"must be {span}, got {value}{hint}")
+    _check_range(name, value, minimum, maximum, hint)
 
 
 def check_float(name: str, value: Any, *, minimum: Optional[float] = None, maximum: Optional[float] = None,
@@ -46,10 +53,7 @@ def check_float(name: str, value: Any, *, minimum: Optional[float] = None, maxim
         raise RequestError(name, f"must be a number, got {value!r} ({_kind(value)})")
     if not math.isfinite(value):
         raise RequestError(name, f"must be a finite number, got {value}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        span = (f"in [{minimum:g}, {maximum:g}]" if minimum is not None and maximum is not None
-                else f"at least {minimum:g}" if minimum is not None else f"at most {maximum:g}")
-        raise RequestError(name, f"must be {span}, got {value}{hint}")
+    _check_range(name, value, minimum, maximum, hint)
 
 
 def check_prompts(name: str, value: Any, *, optional: bool = False) -> Optional[list[str]]:
