@@ -212,11 +212,15 @@ def test_bad_input_is_a_clear_error():
 class _RendererAsModel:
     """A "model" that draws each prompt exactly, with the renderer: the perfect score's reference."""
 
+    def __init__(self) -> None:
+        self.seeds: list[int] = []
+
     def __call__(self, prompts, *, num_inference_steps, guidance_scale, generator):
         from types import SimpleNamespace
 
         from diffsteer.shapes.world import scene_from_caption
 
+        self.seeds += [g.initial_seed() for g in generator]
         return SimpleNamespace(
             images=[render(scene_from_caption(p, g.initial_seed())) for p, g in zip(prompts, generator)]
         )
@@ -237,17 +241,20 @@ def test_strict_benchmark_kinds_seeds_and_table():
     # the tests tune on EVAL_SEED_BASE + i for a few hundred prompts; the strict figures never see those seeds
     assert STRICT_SEED_BASE - EVAL_SEED_BASE >= 10_000
 
-    done = []
-    score = score_strict(_RendererAsModel(), n_single=4, n_double=4, n_open=3, n_position=4, batch=5,
+    done, model = [], _RendererAsModel()
+    score = score_strict(model, n_single=4, n_double=4, n_open=3, n_position=4, batch=5,
                          progress=lambda d, t: done.append((d, t)))
-    assert done[-1] == (15, 15)
+    assert done == [(5, 15), (10, 15), (15, 15)]
+    assert model.seeds == list(range(STRICT_SEED_BASE, STRICT_SEED_BASE + 15))
     assert all(score.clean(k) == 1.0 for k in ("single", "double", "open", "position")) and score.background == 1.0
     table = score.table()
     print(table)
     assert "| two objects | 4 | both colours 100.0% | 100.0% | 100.0% | ≥ 85% |" in table
     assert "| background (every prompt) | 15 |" in table
     assert "| size |" not in table and "| count | 100.0% | 100.0% | 100.0% | 100.0% |" in table
-    empty = score_strict(_RendererAsModel(), n_single=2, n_double=0, n_open=0, n_position=0).table()
+    model = _RendererAsModel()
+    empty = score_strict(model, n_single=2, n_double=0, n_open=0, n_position=0, seed_base=EVAL_SEED_BASE).table()
+    assert model.seeds == [EVAL_SEED_BASE, EVAL_SEED_BASE + 1]
     assert "| two objects | 0 | — | — | — |" in empty and "| count | 100.0% | — | — | — |" in empty
 
 

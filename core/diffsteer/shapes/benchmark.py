@@ -234,15 +234,16 @@ def score_strict(
     steps: int = 20,
     guidance_scale: float = 7.5,
     batch: int = 24,
+    seed_base: int = STRICT_SEED_BASE,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> StrictScore:
-    """Generate one image per prompt of :func:`strict_prompts` (seed ``STRICT_SEED_BASE + i``, fresh seeds no test
-    tuned on) and judge each with both the old and the strict evaluator."""
+    """Generate one image per prompt of :func:`strict_prompts` (seed ``seed_base + i``; the default, fresh seeds no
+    test tuned on, is what reported figures use) and judge each with both the old and the strict evaluator."""
     kinds = strict_prompts(n_single, n_double, n_open, n_position)
     prompts = [p for rows in kinds.values() for p in rows]
     judged = [
         (evaluate_caption(img, p), evaluate_strict(img, p))
-        for img, p in generate(pipe, prompts, STRICT_SEED_BASE, steps=steps, guidance_scale=guidance_scale,
+        for img, p in generate(pipe, prompts, seed_base, steps=steps, guidance_scale=guidance_scale,
                                batch=batch, progress=progress)
     ]
     score, start = StrictScore({}, {}), 0
