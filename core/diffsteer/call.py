@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import pluggy
 import torch
 
 from .branches import BranchLayout, BranchPredictions
 from .errors import PluginError
+from .latent_codec import decode_latents, encode_images, vae_scale_factor
 from .models.context import ForwardContext, WeightPatch
 from .plugins import Plugin, plugin_label
 from .schedulers import Scheduler
@@ -116,8 +117,43 @@ class UNetInputs:
         self.extra_channels.append(channels)
 
 
-def _cast(tensors: Optional[list[torch.Tensor]], dtype: torch.dtype) -> Optional[list[torch.Tensor]]:
-    return None if tensors is None else [t.to(dtype) for t in tensors]
+    def run(
+        self,
+        unet: "UNet2DConditionModel",
+        *,
+        channel_error: Callable[[int, int], Exception],
+        residual_dtype: Optional[torch.dtype] = None,
+        context: Optional[ForwardContext] = None,
+    ) -> torch.Tensor:
+        """Run ``unet`` on these inputs: the one UNet invocation that generation and training share.
+
+        Extra channels are concatenated after the latents in the sample's dtype; residuals are cast to
+        ``residual_dtype`` when given. A channel count the UNet does not take raises
+        ``channel_error(expected, built)``.
+        """
+        sample = self.sample
+        if self.extra_channels:
+            extra = [c.to(device=sample.device, dtype=sample.dtype) for c in self.extra_channels]
+            sample = torch.cat([sample, *extra], dim=1)
+        expected = int(unet.config.in_channels)
+        if sample.shape[1] != expected:
+            raise channel_error(expected, int(sample.shape[1]))
+        return unet(
+            sample,
+            self.timestep,
+            self.encoder_hidden_states,
+            down_block_additional_residuals=_cast(self.down_residuals, residual_dtype),
+            mid_block_additional_residual=(
+                self.mid_residual if self.mid_residual is None or residual_dtype is None
+                else self.mid_residual.to(residual_dtype)
+            ),
+            down_intrablock_additional_residuals=_cast(self.intrablock_residuals, residual_dtype),
+            context=context,
+        )
+
+
+def _cast(tensors: Optional[list[torch.Tensor]], dtype: Optional[torch.dtype]) -> Optional[list[torch.Tensor]]:
+    return None if tensors is None or dtype is None else [t.to(dtype) for t in tensors]
 
 
 class GenerationCall:
@@ -141,6 +177,7 @@ class GenerationCall:
         hooks: pluggy.PluginManager,
         model_name: str = "",
         tokens: Optional[TokenTable] = None,
+        init_image: Optional[torch.Tensor] = None,
     ) -> None:
         self.unet = unet
         self.vae = vae
@@ -168,6 +205,12 @@ class GenerationCall:
         #: what plugins report back to the caller, keyed by plugin name (``PipelineOutput.extras``).
         self.outputs: dict[str, Any] = {}
         self._state: dict[int, dict[str, Any]] = {}
+        #: img2img's image as the model takes it (``[-1, 1]`` pixels, or latents given as such), else ``None``.
+        self.init_image = init_image
+        self._init_latents: Optional[torch.Tensor] = None
+        self._first_step = 0
+        self._steps_open = False
+        self.timesteps: torch.Tensor = torch.empty(0)
 
     # -- conveniences ------------------------------------------------------------------------------
     @property
@@ -187,6 +230,96 @@ class GenerationCall:
     def state_for(self, plugin: Plugin) -> dict[str, Any]:
         """The per-call state dict of ``plugin`` (plugin objects may be shared between calls)."""
         return self._state.setdefault(id(plugin), {})
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell per side (8 for SD)."""
+        return vae_scale_factor(self.vae)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """``(batch, channels, h, w)`` of the call's latents (one row per image)."""
+        f = self.vae_scale_factor
+        return (self.batch_size, int(self.unet.config.out_channels), self.request.height // f, self.request.width // f)
+
+    @property
+    def num_steps(self) -> int:
+        """Denoising steps this call runs: ``len(call.timesteps)`` (fewer than requested for img2img)."""
+        return len(self.timesteps)
+
+    # -- the schedule: set before setup, narrowed only in setup -------------------------------------------
+    def _plan_steps(self) -> None:
+        """Set the scheduler's timesteps and img2img's window; the core calls it before ``setup``."""
+        req = self.request
+        self.scheduler.set_timesteps(req.num_inference_steps, device=self.device)
+        self._steps_open = True
+        if self.init_image is not None:
+            # img2img starts part-way down the schedule, as diffusers' get_timesteps does.
+            self._narrow("strength", req.strength, lambda msg: ValueError(msg))
+        else:
+            self._apply_first_step()
+
+    def narrow_steps(self, owner: str, strength: float) -> None:
+        """Denoise only the last ``strength`` fraction of the schedule (DiffEdit's ``inpaint_strength``).
+
+        Counted as img2img's ``strength`` is (``int(steps * strength)`` steps remain); with img2img, or
+        several plugins narrowing, the narrowest window wins. Only from
+        :func:`~diffsteer.hookspecs.diffsteer_setup`: ``call.timesteps`` is fixed once setup ends. The latents
+        the first step starts from are then the plugin's to supply (``diffsteer_prepare_latents``) unless
+        img2img noises its image to the new first timestep.
+        """
+        if not self._steps_open:
+            raise PluginError(owner, "can narrow the denoising steps only in diffsteer_setup")
+        if not 0 < strength <= 1:
+            raise PluginError(owner, f"strength must lie in (0, 1], got {strength}")
+        self._narrow(owner, strength, lambda msg: PluginError(owner, msg))
+
+    def _narrow(self, who: str, strength: float, error: Callable[[str], Exception]) -> None:
+        steps = self.request.num_inference_steps
+        first = max(steps - min(int(steps * strength), steps), 0)
+        if first >= steps:
+            raise error(f"strength={strength} leaves no denoising steps out of {steps}")
+        self._first_step = max(self._first_step, first)
+        self._apply_first_step()
+
+    def _apply_first_step(self) -> None:
+        order = self.scheduler.order
+        self.timesteps = self.scheduler.timesteps[self._first_step * order:]
+        if self._first_step or self.init_image is not None:
+            self.scheduler.set_begin_index(self._first_step * order)
+
+    def _close_steps(self) -> None:
+        self._steps_open = False
+
+    # -- the latent space --------------------------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor, *, sample: bool = True) -> torch.Tensor:
+        """Scaled float32 latents of ``[-1, 1]`` images, as img2img makes them.
+
+        ``sample=True`` draws from the VAE posterior with the call's generator (so it advances the call's
+        random stream); ``sample=False`` takes the posterior mean and draws nothing.
+        """
+        return encode_images(self.vae, pixels.to(self.device), generator=self.generator if sample else None,
+                             sample=sample)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[-1, 1]`` float32 images from scaled latents (the core's decode)."""
+        return decode_latents(self.vae, latents)
+
+    @property
+    def init_latents(self) -> Optional[torch.Tensor]:
+        """img2img's image in latent space, one row per image of the call, before any noise; ``None`` without
+        an image. Encoded once, on first use, with the call's generator (the core reads it before noising)."""
+        if self.init_image is None:
+            return None
+        if self._init_latents is None:
+            image = self.init_image
+            init = image.float().to(self.device) if image.shape[1] == self.vae.config.latent_channels else self.encode_images(image)
+            if init.shape[0] != self.batch_size:
+                if self.batch_size % init.shape[0]:
+                    raise ValueError(f"cannot spread {init.shape[0]} images over {self.batch_size} outputs")
+                init = torch.cat([init] * (self.batch_size // init.shape[0]))
+            self._init_latents = init
+        return self._init_latents
 
     # -- services for plugins ------------------------------------------------------------------------
     def add_tokens(self, owner: str, embeddings: Mapping[str, torch.Tensor]) -> None:
@@ -223,6 +356,17 @@ class GenerationCall:
         """Encode one text per prompt and repeat each for ``num_images_per_prompt`` (diffusers' order)."""
         return self.encode(texts).repeat_interleave(self.request.num_images_per_prompt, dim=0)
 
+    def _channel_error(self, expected: int, built: int) -> PluginError:
+        latent = int(self.unet.config.out_channels)
+        return PluginError(
+            ", ".join(plugin_label(p) for p in self.plugins) or "core",
+            f"the UNet takes {expected} input channels but this pass built {built} "
+            f"({latent} latent channels + {built - latent} extra); "
+            "this model needs a plugin that supplies its conditioning channels"
+            if built < expected
+            else f"the UNet takes {expected} input channels but plugins added {built - latent} extra channels",
+        )
+
     def predict(
         self,
         latents: torch.Tensor,
@@ -251,29 +395,9 @@ class GenerationCall:
         self.pass_name, self.pass_layout = pass_name, layout
         try:
             self.hook.diffsteer_model_inputs(call=self, step=self.step, inputs=inputs)
-            unet_input = inputs.sample
-            if inputs.extra_channels:
-                unet_input = torch.cat([unet_input, *(c.to(self.dtype) for c in inputs.extra_channels)], dim=1)
-            expected = self.unet.config.in_channels
-            if unet_input.shape[1] != expected:
-                raise PluginError(
-                    ", ".join(plugin_label(p) for p in self.plugins) or "core",
-                    f"the UNet takes {expected} input channels but this pass built {unet_input.shape[1]} "
-                    f"(4 latent channels + {unet_input.shape[1] - inputs.sample.shape[1]} extra); "
-                    "this model needs a plugin that supplies its conditioning channels"
-                    if unet_input.shape[1] < expected
-                    else f"the UNet takes {expected} input channels but plugins added "
-                    f"{unet_input.shape[1] - inputs.sample.shape[1]} extra channels",
-                )
-            out = self.unet(
-                unet_input,
-                timestep,
-                inputs.encoder_hidden_states,
-                # Plugins may compute residuals in float32; the UNet adds them in its own dtype.
-                down_block_additional_residuals=_cast(inputs.down_residuals, self.dtype),
-                mid_block_additional_residual=None if inputs.mid_residual is None else inputs.mid_residual.to(self.dtype),
-                down_intrablock_additional_residuals=_cast(inputs.intrablock_residuals, self.dtype),
-                context=self.unet_context,
+            # Plugins may compute residuals in float32; the UNet adds them in its own dtype.
+            out = inputs.run(
+                self.unet, channel_error=self._channel_error, residual_dtype=self.dtype, context=self.unet_context
             )
         finally:
             self.pass_name, self.pass_layout = previous

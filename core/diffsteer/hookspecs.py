@@ -73,7 +73,9 @@ CONTRACT_VERSION = "1.1"
 #: What each contract version added; ``docs/hooks.md`` prints it.
 CONTRACT_HISTORY = {
     "1.0": "the hooks and call services of diffsteer 0.1 (plugins that declare no version are 1.0 plugins)",
-    "1.1": "pluggy wrappers on chained hooks; ``Plugin.contract``",
+    "1.1": "pluggy wrappers on chained hooks; ``Plugin.contract``; call-scoped weight overrides; the call owns "
+    "its run (timesteps before ``setup``, ``call.narrow_steps``, ``call.latent_shape``, ``call.vae_scale_factor``, "
+    "``call.init_image``, ``call.init_latents``, ``call.encode_images``, ``call.decode_latents``)",
 }
 
 
@@ -94,11 +96,18 @@ def since(version: str) -> Callable[[Callable[..., object]], Callable[..., objec
 def diffsteer_setup(call: "GenerationCall") -> None:
     """Prepare this plugin for one generation call.
 
-    When: once per call, after the plugin set is resolved and the call's scheduler is made, before
-    any prompt is encoded.
-    Receives: ``call``, the :class:`~diffsteer.call.GenerationCall` (model parts, request parameters,
-    fresh scheduler, generator).
-    May change: ``call.state_for(self)`` (per-call state) and the call's vocabulary through
+    When: once per call, after the plugin set is resolved and the call owns its run: a fresh scheduler
+    with its timesteps set, img2img's window included; before any prompt is encoded.
+    Receives: ``call``, the :class:`~diffsteer.call.GenerationCall`: model parts, request parameters,
+    generator, and the run: ``call.timesteps`` and ``call.num_steps`` (what the loop will run),
+    ``call.latent_shape`` ``(batch, channels, h, w)``, ``call.vae_scale_factor``, ``call.init_image``
+    and ``call.init_latents`` (img2img's image and its latents before noise, encoded once on first use
+    with the call's generator), ``call.encode_images(pixels, sample=...)`` and
+    ``call.decode_latents(latents)`` (the VAE with its scaling and shift factors). Check settings
+    against these here, so a call that cannot work fails before any work.
+    May change: the denoising window, narrowed only, through ``call.narrow_steps(owner, strength)``
+    (the last ``strength`` of the schedule, counted like img2img's; the narrowest wins; only here);
+    ``call.state_for(self)`` (per-call state) and the call's vocabulary through
     ``call.add_tokens(owner, {token: vectors})`` (textual inversion: every prompt encoder of the call,
     the core's or an ``encode_prompt`` plugin's, then reads the token; the shared models stay unchanged;
     add tokens from a ``@hookimpl(tryfirst=True)`` setup, so plugins that tokenize in their own setup,

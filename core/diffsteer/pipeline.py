@@ -16,6 +16,7 @@ from .call import GenerationCall, GenerationRequest, StepState
 from .errors import GenerationError, RequestError
 from .hook_chain import chain
 from .images import ImageInput, postprocess, to_model_tensor
+from .latent_codec import decode_latents, encode_images, vae_scale_factor
 from .models.context import ForwardContext
 from .overrides import collect_weight_overrides
 from .models.random import randn_tensor
@@ -73,7 +74,7 @@ class Pipeline:
         self.text = PromptEncoder(tokenizer, text_encoder)
         #: tokens every call of this pipeline knows (:meth:`add_tokens`); each call starts from a copy.
         self.tokens: TokenTable = token_table_for(tokenizer, text_encoder)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(vae)
 
     # -- loading --------------------------------------------------------------------------------------
     @classmethod
@@ -221,13 +222,19 @@ class Pipeline:
             unet=self.unet, vae=self.vae, text=self.text, scheduler=self.scheduler.fresh(), request=request,
             generator=generator, plugins=plugin_objs, hooks=pm, model_name=self.name,
             tokens=token_table_for(self.tokenizer, self.text_encoder, parent=self.tokens),
+            init_image=None if image is None else to_model_tensor(image, multiple=self.vae_scale_factor).to(self.unet.device),
         )
+        if image is not None and latents is not None:
+            raise ValueError("pass either latents or image, not both")
+        # The call owns the run: plugins see its timesteps (img2img window included) in setup.
+        call._plan_steps()
         error: Optional[BaseException] = None
         try:
             call.hook.diffsteer_setup(call=call)
+            call._close_steps()
             collect_weight_overrides(call, self.unet, self.text_encoder)
             warn_about_prompts(call)
-            images = self._generate(call, latents, image, progress)
+            images = self._generate(call, latents, progress)
         except BaseException as exc:
             error = exc
             raise
@@ -290,20 +297,11 @@ class Pipeline:
         }
 
     def _generate(
-        self, call: GenerationCall, latents: Optional[torch.Tensor], image: Optional[ImageInput],
-        progress: Optional[ProgressFn],
+        self, call: GenerationCall, latents: Optional[torch.Tensor], progress: Optional[ProgressFn],
     ) -> Any:
         req = call.request
         sched = call.scheduler
-        sched.set_timesteps(req.num_inference_steps, device=call.device)
-        timesteps = sched.timesteps
-        if image is not None:
-            # img2img starts part-way down the schedule, as diffusers' get_timesteps does.
-            start = max(req.num_inference_steps - min(int(req.num_inference_steps * req.strength), req.num_inference_steps), 0)
-            timesteps = timesteps[start * sched.order:]
-            sched.set_begin_index(start * sched.order)
-            if len(timesteps) == 0:
-                raise ValueError(f"strength={req.strength} leaves no denoising steps out of {req.num_inference_steps}")
+        timesteps = call.timesteps
 
         layout = BranchLayout(call.batch_size)
         positive = call.encode_per_image(req.prompts)
@@ -320,7 +318,7 @@ class Pipeline:
         call.layout = layout
         call.hook.diffsteer_guidance_branches(call=call, branches=layout)
 
-        latents = self._initial_latents(call, latents, image, timesteps)
+        latents = self._initial_latents(call, latents, timesteps)
         latents = chain(call.hook.diffsteer_prepare_latents, "latents", latents, call=call)
 
         patches: list[AttentionPatch] = []
@@ -368,49 +366,24 @@ class Pipeline:
         return {"eta": req.eta} if req.eta is not None and self.scheduler.name == "ddim" else {}
 
     def _initial_latents(
-        self, call: GenerationCall, latents: Optional[torch.Tensor], image: Optional[ImageInput],
-        timesteps: torch.Tensor,
+        self, call: GenerationCall, latents: Optional[torch.Tensor], timesteps: torch.Tensor
     ) -> torch.Tensor:
-        req = call.request
-        shape = (
-            call.batch_size,
-            self.unet.config.out_channels,
-            req.height // self.vae_scale_factor,
-            req.width // self.vae_scale_factor,
-        )
-        if image is None:
+        shape = call.latent_shape
+        init = call.init_latents
+        if init is None:
             if latents is None:
                 latents = randn_tensor(shape, generator=call.generator, device=call.device, dtype=torch.float32)
             elif tuple(latents.shape) != shape:
                 raise ValueError(f"latents have shape {tuple(latents.shape)}, this call needs {shape}")
             return latents.to(call.device, torch.float32) * call.scheduler.init_noise_sigma
-
-        if latents is not None:
-            raise ValueError("pass either latents or image, not both")
-        pixels = to_model_tensor(image, multiple=self.vae_scale_factor).to(call.device)
-        if pixels.shape[1] == self.vae.config.latent_channels:
-            init = pixels.float()
-        else:
-            init = self.encode_images(pixels, generator=call.generator)
-        if init.shape[0] != call.batch_size:
-            if call.batch_size % init.shape[0]:
-                raise ValueError(f"cannot spread {init.shape[0]} images over {call.batch_size} outputs")
-            init = torch.cat([init] * (call.batch_size // init.shape[0]))
         noise = randn_tensor(tuple(init.shape), generator=call.generator, device=call.device, dtype=torch.float32)
         return call.scheduler.add_noise(init, noise, timesteps[:1].repeat(call.batch_size))
 
     # -- VAE helpers ------------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Scaled latents of ``[-1, 1]`` images, sampled from the VAE posterior with ``generator``."""
-        cfg = self.vae.config
-        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype))
-        z = dist.sample(generator=generator).float()
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        return (z - shift) * cfg.scaling_factor
+        return encode_images(self.vae, pixels, generator=generator)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """``[-1, 1]`` images from scaled latents."""
-        cfg = self.vae.config
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        z = latents / cfg.scaling_factor + shift
-        return self.vae.decode(z.to(self.vae.device, self.vae.dtype)).float()
+        return decode_latents(self.vae, latents)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..atomic import atomic_file, remove_stale_temporaries
 from ..branches import BranchLayout
 from ..call import UNetInputs
+from ..latent_codec import to_latent_space
 from ..plugins import Plugin, PluginSpec, make_manager, resolve_plugins
 from ..schedulers import Scheduler
 from ..text import PromptEncoder
@@ -370,14 +371,7 @@ class DiffusionTrainer:
                 layout=layout, pass_name="train",
             )
             self.hook.diffsteer_train_model_inputs(trainer=self, batch=batch, inputs=inputs)
-            prediction = self.unet(
-                self._unet_input(inputs),
-                timesteps,
-                inputs.encoder_hidden_states,
-                down_block_additional_residuals=inputs.down_residuals,
-                mid_block_additional_residual=inputs.mid_residual,
-                down_intrablock_additional_residuals=inputs.intrablock_residuals,
-            )
+            prediction = inputs.run(self.unet, channel_error=self._channel_error)
         target = training_target(self.scheduler, latents, noise, timesteps)
         row_loss = row_mse(prediction, target)
         weight = torch.as_tensor(batch["loss_weight"], dtype=torch.float32, device=device)
@@ -441,11 +435,7 @@ class DiffusionTrainer:
         draws = draw_rows(cfg.seed, self.step, batch["keys"], mean.shape[1:], T, cfg.caption_dropout)
         # The posterior sample uses each row's own generator, after its other draws.
         eps = torch.stack([torch.randn(tuple(mean.shape[1:]), generator=g) for g in draws.generators]).to(device)
-        vcfg = self.vae.config
-        latents = mean + std * eps
-        if getattr(vcfg, "shift_factor", None) is not None:
-            latents = latents - vcfg.shift_factor
-        return latents * vcfg.scaling_factor, draws
+        return to_latent_space(self.vae, mean + std * eps), draws
 
     def _encode(self, captions: list[str]) -> torch.Tensor:
         ids = PromptEncoder(self.tokenizer, self.text_encoder).token_ids(captions).to(self.device)
@@ -455,19 +445,13 @@ class DiffusionTrainer:
         with torch.set_grad_enabled(self._text_trains):
             return self.text_encoder(ids, attention_mask=mask)[0]
 
-    def _unet_input(self, inputs: UNetInputs) -> torch.Tensor:
-        sample = inputs.sample
-        if inputs.extra_channels:
-            extra = [c.to(device=sample.device, dtype=sample.dtype) for c in inputs.extra_channels]
-            sample = torch.cat([sample, *extra], dim=1)
-        expected = self.unet.config.in_channels
-        if sample.shape[1] != expected:
-            raise TrainingError(
-                f"the UNet takes {expected} input channels but the training pass built {sample.shape[1]} "
-                f"({inputs.sample.shape[1]} latent + {sample.shape[1] - inputs.sample.shape[1]} from plugins); "
-                "a plugin must add the missing conditioning channels in diffsteer_train_model_inputs"
-            )
-        return sample
+    def _channel_error(self, expected: int, built: int) -> TrainingError:
+        latent = int(self.unet.config.out_channels)
+        return TrainingError(
+            f"the UNet takes {expected} input channels but the training pass built {built} "
+            f"({latent} latent + {built - latent} from plugins); "
+            "a plugin must add the missing conditioning channels in diffsteer_train_model_inputs"
+        )
 
     def _autocast(self) -> ContextManager[Any]:
         if self.config.mixed_precision == "bf16":

@@ -192,7 +192,7 @@ class ControlNet(Plugin):
                 except ModelLoadError as exc:
                     raise PluginError(NAME, f"cannot load {source}: {exc}") from None
             problems = net.fit_problems(unet_config)
-            vae_factor = 2 ** (len(call.vae.config.block_out_channels) - 1)
+            vae_factor = call.vae_scale_factor
             if net.config.downscale != vae_factor:
                 widths = net.config.conditioning_embedding_out_channels
                 problems.append(

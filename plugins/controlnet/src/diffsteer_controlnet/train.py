@@ -20,6 +20,7 @@ import torch
 
 from diffsteer import Plugin, hookimpl
 from diffsteer.atomic import atomic_file, remove_stale_temporaries
+from diffsteer.latent_codec import encode_images
 from diffsteer.loading.weights import load_state_dict, save_state_dict
 from diffsteer.training import InMemoryData, ParamGroup
 
@@ -123,11 +124,9 @@ def build_shapes_data(
         images.append(item["pixel_values"])
         controls.append((item[conditioning] * 255).round().to(torch.uint8))
         captions.append(item["caption"])
-    vae = pipe.vae
     latents = torch.cat([
-        vae.encode(torch.stack(images[i:i + 256]).to(vae.device, vae.dtype)).mean.float().cpu()
-        for i in range(0, n_images, 256)
-    ]) * vae.config.scaling_factor
+        encode_images(pipe.vae, torch.stack(images[i:i + 256]), sample=False).cpu() for i in range(0, n_images, 256)
+    ])
     control = torch.stack(controls)
     if cache is not None:
         save_state_dict({"latents": latents.contiguous(), "control": control.contiguous()}, cache)

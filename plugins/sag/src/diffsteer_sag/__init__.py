@@ -163,13 +163,8 @@ class Sag(Plugin):
                 f"(no attention layer matches {MID_SELF_ATTENTION!r})",
             )
         state.update(layer=layers[0], branch="uncond" if call.request.do_cfg else "cond", keys=None, masks=[])
-
-    @hookimpl
-    def diffsteer_prepare_latents(self, call: Any, latents: torch.Tensor) -> None:
-        # Before the first step: the reflect padding of the blur needs more latent pixels than it pads.
-        if not call.state_for(self)["active"]:
-            return
-        h, w = latents.shape[-2:]
+        # The reflect padding of the blur needs more latent pixels than it pads.
+        h, w = call.latent_shape[-2:]
         s = self.settings
         if min(h, w) <= s.kernel_size // 2:
             raise PluginError(

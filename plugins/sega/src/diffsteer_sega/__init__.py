@@ -212,6 +212,8 @@ class Sega(Plugin):
                 "semantic guidance needs classifier-free guidance (its concepts are measured against the "
                 f"unconditional branch): pass guidance_scale > 1 (got {request.guidance_scale:g})",
             )
+        # The call's steps and latent shape are known before setup: refuse what cannot work before any work.
+        self._check_steps(call.num_steps, torch.Size(call.latent_shape))
         # Several Sega instances may share a call: each gets its own branches, momentum and outputs.
         mine = [p for p in call.plugins if isinstance(p, Sega)]
         rank = next(i for i, p in enumerate(mine) if p is self)
@@ -231,8 +233,6 @@ class Sega(Plugin):
     @hookimpl
     def diffsteer_guidance(self, call: Any, step: Any, predictions: Any) -> Optional[torch.Tensor]:
         state = call.state_for(self)
-        if step.index == 0:
-            self._check_steps(step.num_steps, predictions["uncond"].shape)
         term = self._concept_term(state, step.index, predictions) if self.settings.concepts else None
         if self.sem_guidance is not None:
             extra = self.sem_guidance[step.index].to(predictions["uncond"].device, predictions["uncond"].dtype)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from diffsteer import Plugin, PluginError, hookimpl
 from diffsteer.atomic import atomic_file
+from diffsteer.latent_codec import encode_images, vae_scale_factor
 from diffsteer.training import DiffusionTrainer, InMemoryData, ParamGroup, TrainConfig, TrainResult
 
 from .formats import write_embedding
@@ -177,11 +178,11 @@ def train_embedding(
 
     parts = load_pipeline_parts(model)
     vae = parts.vae.eval()
-    size = int(parts.unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    size = int(parts.unet.config.sample_size) * vae_scale_factor(vae)
     if len(captions) != len(images):
         raise PluginError(PLUGIN, f"{len(images)} images but {len(captions)} captions")
     with torch.no_grad():
-        latents = vae.encode(to_pixels(images, size)).mean.float() * vae.config.scaling_factor
+        latents = encode_images(vae, to_pixels(images, size), sample=False)
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(
         **{"steps": 500, "batch_size": min(8, len(images)), "lr": 5e-3, "progress": False, **(config or {})}
     )
