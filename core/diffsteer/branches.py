@@ -2,7 +2,10 @@
 
 Classifier-free guidance stacks an ``uncond`` and a ``cond`` branch into one UNet batch; plugins add
 more (SEGA concepts, an image-unconditional branch). Conditioning injectors read the layout so that
-what they add covers every branch, whatever other plugins put in the batch.
+what they add covers every branch, whatever other plugins put in the batch, and read each branch's
+*role* to decide what it gets: :data:`UNCONDITIONAL` (what guidance measures against: the core's
+``uncond``), :data:`CONDITIONAL` (the prompt: the core's ``cond``) or :data:`EXTRA` (anything a plugin
+adds: a SEGA concept, instruct-pix2pix's image-only branch).
 """
 
 from __future__ import annotations
@@ -12,6 +15,16 @@ from typing import Iterator, Mapping, MutableMapping
 
 import torch
 
+from .errors import PluginError
+
+#: The branch guidance is measured against (classifier-free guidance's negative prompt).
+UNCONDITIONAL = "unconditional"
+#: The branch of the user's prompt.
+CONDITIONAL = "conditional"
+#: Any other branch a plugin adds.
+EXTRA = "extra"
+ROLES = (UNCONDITIONAL, CONDITIONAL, EXTRA)
+
 
 @dataclass(frozen=True)
 class Branch:
@@ -20,6 +33,8 @@ class Branch:
     name: str
     embeddings: torch.Tensor
     owner: str = "core"
+    #: :data:`UNCONDITIONAL`, :data:`CONDITIONAL` or :data:`EXTRA`.
+    role: str = EXTRA
 
 
 class BranchLayout:
@@ -29,23 +44,50 @@ class BranchLayout:
         self.batch_size = batch_size
         self._branches: list[Branch] = []
 
-    def add(self, name: str, embeddings: torch.Tensor, owner: str = "core") -> Branch:
-        """Append a branch; its embeddings must have ``batch_size`` rows and the existing token shape."""
+    def add(self, name: str, embeddings: torch.Tensor, owner: str = "core", role: str = EXTRA) -> Branch:
+        """Append a branch; its embeddings must have ``batch_size`` rows and the existing token shape.
+
+        ``role`` says what injectors give it (see the module docs); plugins' branches are :data:`EXTRA`
+        unless they stand in for the unconditional or conditional one.
+        """
         if name in self.names:
             other = self[name].owner
-            raise ValueError(f"branch {name!r} added by {owner!r} already exists (added by {other!r})")
-        if embeddings.shape[0] != self.batch_size:
-            raise ValueError(
-                f"branch {name!r} from {owner!r} has {embeddings.shape[0]} rows, the call has {self.batch_size}"
-            )
-        if self._branches and embeddings.shape[1:] != self._branches[0].embeddings.shape[1:]:
-            raise ValueError(
-                f"branch {name!r} from {owner!r} has embeddings {tuple(embeddings.shape[1:])}, "
-                f"other branches {tuple(self._branches[0].embeddings.shape[1:])}"
-            )
-        branch = Branch(name, embeddings, owner)
+            raise PluginError(owner, f"branch {name!r} already exists (added by {other!r})")
+        if role not in ROLES:
+            raise PluginError(owner, f"branch {name!r} has role {role!r}; roles are {', '.join(ROLES)}")
+        self._check(owner, name, embeddings)
+        branch = Branch(name, embeddings, owner, role)
         self._branches.append(branch)
         return branch
+
+    def _check(self, owner: str, name: str, embeddings: torch.Tensor) -> None:
+        if embeddings.shape[0] != self.batch_size:
+            raise PluginError(
+                owner, f"branch {name!r} has {embeddings.shape[0]} rows of embeddings, the call has {self.batch_size}"
+            )
+        others = [b for b in self._branches if b.name != name]
+        if others and embeddings.shape[1:] != others[0].embeddings.shape[1:]:
+            raise PluginError(
+                owner,
+                f"branch {name!r} has embeddings {tuple(embeddings.shape[1:])}, "
+                f"other branches {tuple(others[0].embeddings.shape[1:])}",
+            )
+
+    def replace_embeddings(self, name: str, embeddings: torch.Tensor, owner: str) -> Branch:
+        """Give branch ``name`` new embeddings of the same shape (its name, owner and role stay)."""
+        old = self[name]
+        if embeddings.shape != old.embeddings.shape:
+            raise PluginError(
+                owner, f"edited embeddings of branch {name!r} are {tuple(embeddings.shape)}, "
+                f"they must stay {tuple(old.embeddings.shape)}"
+            )
+        branch = Branch(old.name, embeddings, old.owner, old.role)
+        self._branches[self.names.index(name)] = branch
+        return branch
+
+    def with_role(self, role: str) -> list[str]:
+        """Names of the branches that have ``role``, in layout order."""
+        return [b.name for b in self._branches if b.role == role]
 
     @property
     def names(self) -> list[str]:
@@ -95,7 +137,7 @@ class BranchLayout:
         sub = BranchLayout(self.batch_size)
         for n in names:
             b = self[n]
-            sub.add(b.name, b.embeddings, b.owner)
+            sub.add(b.name, b.embeddings, b.owner, b.role)
         return sub
 
 

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 import pluggy
 import torch
 
-from .branches import BranchLayout, BranchPredictions
+from .branches import Branch, BranchLayout, BranchPredictions
 from .errors import PluginError
+from .hook_chain import chain
 from .latent_codec import decode_latents, encode_images, vae_scale_factor
 from .models.context import ForwardContext, WeightPatch
 from .plugins import Plugin, plugin_label
@@ -343,6 +344,23 @@ class GenerationCall:
         what :func:`~diffsteer.hookspecs.diffsteer_weight_overrides` registered; see :mod:`diffsteer.overrides`)."""
         self.unet_context = dataclasses.replace(self.unet_context or ForwardContext(), weights=dict(unet))
         self.text_scope.weights = dict(text_encoder)
+
+    def _edit_branch_embeddings(self) -> None:
+        """Fire ``diffsteer_edit_embeddings`` for every branch of the layout, chained in list order."""
+        assert self.layout is not None
+        for branch in list(self.layout):
+            def check(owner: str, edited: torch.Tensor, branch: Branch = branch) -> None:
+                if not isinstance(edited, torch.Tensor) or edited.shape != branch.embeddings.shape:
+                    got = tuple(edited.shape) if isinstance(edited, torch.Tensor) else type(edited).__name__
+                    raise PluginError(
+                        owner, f"edited embeddings of branch {branch.name!r} are {got}; they must stay a tensor "
+                        f"shaped {tuple(branch.embeddings.shape)}"
+                    )
+
+            edited = chain(self.hook.diffsteer_edit_embeddings, "embeddings", branch.embeddings, check=check,
+                           call=self, branch=branch)
+            if edited is not branch.embeddings:
+                self.layout.replace_embeddings(branch.name, edited.to(device=self.device, dtype=self.dtype), "core")
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Encode texts through the encode-prompt hook (or the core encoder), in the UNet's dtype."""

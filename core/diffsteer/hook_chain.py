@@ -9,7 +9,7 @@ coming out, and a new-style wrapper may return a replacement.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import pluggy
 
@@ -28,10 +28,13 @@ def is_wrapper(impl: Any) -> bool:
     return bool(getattr(impl, "wrapper", False) or getattr(impl, "hookwrapper", False))
 
 
-def chain(hook_caller: Any, value_arg: str, value: T, **kwargs: Any) -> T:
+def chain(
+    hook_caller: Any, value_arg: str, value: T, *, check: Optional[Callable[[str, T], None]] = None, **kwargs: Any
+) -> T:
     """Call ``hook_caller`` so that each implementation receives the previous one's result as ``value_arg``.
 
-    An implementation returning ``None`` keeps the value. Returns the last value.
+    An implementation returning ``None`` keeps the value; ``check(owner, result)`` vets every other result
+    (it raises to refuse one). Returns the last value.
     """
     # get_hookimpls() lists plain implementations, then wrappers, each in reverse call order.
     impls = list(reversed(hook_caller.get_hookimpls()))
@@ -46,6 +49,8 @@ def chain(hook_caller: Any, value_arg: str, value: T, **kwargs: Any) -> T:
         for impl in plain:
             result = call_one(impl, current)
             if result is not None:
+                if check is not None:
+                    check(_owner(impl), result)
                 current = result
         return current
 

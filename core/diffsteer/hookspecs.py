@@ -25,7 +25,8 @@ Order and exclusivity:
 
 A generation call fires, in order::
 
-    setup → weight_overrides → encode_prompt* → guidance_branches → prepare_latents → attention_patches
+    setup → weight_overrides → encode_prompt* → guidance_branches → edit_embeddings (per branch)
+          → prepare_latents → attention_patches
     for each step:  pre_step → model_inputs → noise_prediction → combine_guidance → guidance → post_step
     decode → teardown (always, even after an error)
 
@@ -44,7 +45,7 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .attention_patches import AttentionPatch
-    from .branches import BranchLayout, BranchPredictions
+    from .branches import Branch, BranchLayout, BranchPredictions
     from .call import GenerationCall, StepState, UNetInputs
     from .overrides import WeightOverrides
     from .commands import TrainCommand
@@ -75,7 +76,8 @@ CONTRACT_HISTORY = {
     "1.0": "the hooks and call services of diffsteer 0.1 (plugins that declare no version are 1.0 plugins)",
     "1.1": "pluggy wrappers on chained hooks; ``Plugin.contract``; call-scoped weight overrides; the call owns "
     "its run (timesteps before ``setup``, ``call.narrow_steps``, ``call.latent_shape``, ``call.vae_scale_factor``, "
-    "``call.init_image``, ``call.init_latents``, ``call.encode_images``, ``call.decode_latents``)",
+    "``call.init_image``, ``call.init_latents``, ``call.encode_images``, ``call.decode_latents``); branch roles "
+    "(``Branch.role``, ``BranchLayout.with_role``)",
 }
 
 
@@ -162,10 +164,34 @@ def diffsteer_guidance_branches(call: "GenerationCall", branches: "BranchLayout"
 
     When: once per call, after the positive/negative prompts are encoded and the ``uncond``/``cond``
     branches are in ``branches``.
-    Receives: ``branches``, the call's :class:`~diffsteer.branches.BranchLayout`.
-    May change: ``branches`` (``branches.add(name, embeddings, owner=...)``); every branch runs in the
-    same UNet call as classifier-free guidance.
+    Receives: ``branches``, the call's :class:`~diffsteer.branches.BranchLayout`. Each branch has a
+    ``role``: ``"unconditional"`` (the core's ``uncond``), ``"conditional"`` (the core's ``cond``) or
+    ``"extra"``; injectors decide by role, not by name, what a branch gets (ControlNet's guess mode gives
+    nothing to the unconditional one).
+    May change: ``branches`` (``branches.add(name, embeddings, owner=..., role="extra")``); every branch
+    runs in the same UNet call as classifier-free guidance. A duplicate name, an unknown role or
+    embeddings of another shape raise :class:`~diffsteer.errors.PluginError` naming ``owner``.
     Returns: nothing.
+    """
+
+
+@since("1.1")
+@hookspec
+def diffsteer_edit_embeddings(
+    call: "GenerationCall", branch: "Branch", embeddings: torch.Tensor
+) -> Optional[torch.Tensor]:
+    """Edit one branch's text embeddings (pix2pix-zero's edit direction), without replacing the encoder.
+
+    When: once per branch of the layout, in layout order, after :func:`diffsteer_guidance_branches`
+    and before :func:`diffsteer_prepare_latents`. Chained in list order: each plugin receives the
+    previous one's result, so edits stack with each other and with an ``encode_prompt`` plugin (prompt
+    weighting encodes, then the edits apply).
+    Receives: ``branch`` (its ``name``, ``owner`` and ``role``; ``branch.embeddings`` as encoded) and
+    ``embeddings``, the branch's embeddings as the previous plugin left them, ``(batch, tokens, hidden)``
+    with one row per image.
+    May change: nothing else.
+    Returns: new embeddings of the same shape, or ``None`` to keep them; another shape raises
+    :class:`~diffsteer.errors.PluginError` naming the plugin.
     """
 
 

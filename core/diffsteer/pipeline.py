@@ -11,7 +11,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .attention_patches import AttentionPatch, compile_patches
-from .branches import BranchLayout
+from .branches import CONDITIONAL, UNCONDITIONAL, BranchLayout
 from .call import GenerationCall, GenerationRequest, StepState
 from .errors import GenerationError, RequestError
 from .hook_chain import chain
@@ -313,10 +313,11 @@ class Pipeline:
                     f"negative prompt embeddings {tuple(negative.shape[1:])} differ from positive "
                     f"{tuple(positive.shape[1:])}; the prompt encoder must pad both alike"
                 )
-            layout.add("uncond", negative)
-        layout.add("cond", positive)
+            layout.add("uncond", negative, role=UNCONDITIONAL)
+        layout.add("cond", positive, role=CONDITIONAL)
         call.layout = layout
         call.hook.diffsteer_guidance_branches(call=call, branches=layout)
+        call._edit_branch_embeddings()
 
         latents = self._initial_latents(call, latents, timesteps)
         latents = chain(call.hook.diffsteer_prepare_latents, "latents", latents, call=call)

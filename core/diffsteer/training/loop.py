@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import atomic_file, remove_stale_temporaries
-from ..branches import BranchLayout
+from ..branches import CONDITIONAL, BranchLayout
 from ..call import UNetInputs
 from ..latent_codec import to_latent_space
 from ..plugins import Plugin, PluginSpec, make_manager, resolve_plugins
@@ -365,7 +365,7 @@ class DiffusionTrainer:
         with self._autocast():
             hidden = self._encode(captions)
             layout = BranchLayout(n)
-            layout.add("train", hidden)
+            layout.add("train", hidden, role=CONDITIONAL)
             inputs = UNetInputs(
                 sample=noisy.to(self.unet.dtype), timestep=timesteps, encoder_hidden_states=hidden,
                 layout=layout, pass_name="train",

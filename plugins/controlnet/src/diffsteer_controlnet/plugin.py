@@ -13,6 +13,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from diffsteer import Plugin, PluginError, hookimpl
+from diffsteer.branches import UNCONDITIONAL
 from diffsteer.loading.errors import ModelLoadError
 
 from .loading import load_controlnet
@@ -132,9 +133,10 @@ class ControlNet(Plugin):
     its own branch's text embeddings. Several instances in one call sum their residuals, as diffusers'
     ``MultiControlNetModel`` does.
 
-    Guess mode, as in diffusers, runs the ControlNet on every row *except* the ``uncond`` branch, which
-    gets no residual (zeros): the control then acts through the guidance directions. Extra branches
-    (a SEGA concept) count as conditional and get residuals.
+    Guess mode, as in diffusers, runs the ControlNet on every row *except* the branch whose role is
+    unconditional (the core's ``uncond``), which gets no residual (zeros): the control then acts through
+    the guidance directions. Conditional and extra branches (a SEGA concept, instruct-pix2pix's image-only
+    branch) get residuals.
 
     Args:
         settings: :class:`ControlNetSettings` or a mapping of its fields.
@@ -251,7 +253,9 @@ class ControlNet(Plugin):
         image = call.state_for(self)["image"]
         layout = inputs.layout
         guess = self.settings.guess_mode or net.config.global_pool_conditions
-        names = [n for n in layout.names if not (guess and n == "uncond")]
+        # Guess mode leaves the unconditional branch without control, whatever it is called (by role).
+        skip = set(layout.with_role(UNCONDITIONAL)) if guess else set()
+        names = [n for n in layout.names if n not in skip]
         if not names:
             return
         rows: Optional[torch.Tensor] = None
