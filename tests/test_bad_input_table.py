@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,6 +69,19 @@ ERRORS = [
     ("image-missing", [P, "--image", "{tmp}/none.png"], None, "--image: no such file", 2),
     ("from-missing", ["--from", "{tmp}/none.png"], None, "cannot read the image", 2),
     ("from-not-an-image", ["--from", "{model}/model_index.json"], None, "cannot read the image", 2),
+    ("image-not-an-image", [P, "--image", "{model}/model_index.json"], "{model}/model_index.json",
+     "model_index.json: cannot read the image", 2),
+    ("image-wrong-type", None, 3, "image must be a PIL image, a path, a numpy array or a tensor, got int", None),
+    ("image-uint8-array", None, "uint8", "image as a numpy array must hold values in [0, 1]", None),
+]
+
+# --from with a recorded image ({png}): what may and may not go with it
+FROM_ERRORS = [
+    ("from-with-prompt", [P, "--from", "{png}"], "--from re-runs a recorded generation; give no PROMPT with it"),
+    ("from-with-plugin", ["--from", "{png}", "--plugin", "sega"], "--plugin cannot add to them"),
+    ("from-set-unrecorded", ["--from", "{png}", "--set", "sega.concepts=[]"],
+     "names no plugin recorded in"),
+    ("from-bad-override", ["--from", "{png}", "--width", "-64"], "width must be at least 1, got -64"),
 ]
 
 # argparse's own errors: a usage line and exit 2, before anything runs
@@ -91,8 +105,8 @@ WARNINGS = [
 ]
 
 
-def _fill(args: list[str], tmp: Path, model: Path) -> list[str]:
-    return [a.replace("{tmp}", str(tmp)).replace("{model}", str(model)) for a in args]
+def _fill(args: list[str], tmp: Path, model: Path, png: Path = Path("none.png")) -> list[str]:
+    return [a.replace("{tmp}", str(tmp)).replace("{model}", str(model)).replace("{png}", str(png)) for a in args]
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
@@ -125,13 +139,32 @@ def test_cli_error_rows(case, tiny_sd1, workdir, capsys):
 
 
 @pytest.mark.parametrize("case", [c for c in ERRORS if c[2] is not None], ids=[c[0] for c in ERRORS if c[2]])
-def test_api_error_rows(case, tiny_pipe):
+def test_api_error_rows(case, tiny_pipe, tiny_sd1):
     name, _, kwargs, fragment, _ = case
-    pipe = tiny_pipe.with_scheduler(kwargs) if isinstance(kwargs, str) else tiny_pipe
+    pipe = tiny_pipe.with_scheduler(kwargs) if kwargs == "ddim_inverse" else tiny_pipe
+    if name.startswith("image-"):  # the row's value is the img2img image
+        image = {"uint8": np.full((32, 32, 3), 200, dtype=np.uint8)}.get(kwargs, kwargs)
+        kwargs = {"image": _fill([image], tiny_sd1, tiny_sd1)[0] if isinstance(image, str) else image}
     call = {"prompt": P, "num_inference_steps": 1, "seed": 0, **(kwargs if isinstance(kwargs, dict) else {})}
     with pytest.raises(DiffsteerError) as info:
         pipe(**call)
     assert fragment in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def recorded_png(tiny_sd1, tmp_path_factory):
+    png = tmp_path_factory.mktemp("recorded") / "a.png"
+    assert main(["generate", P, "--model", str(tiny_sd1), "--steps", "1", "--seed", "0", "-o", str(png), "-q"]) == 0
+    return png
+
+
+@pytest.mark.parametrize("case", FROM_ERRORS, ids=[c[0] for c in FROM_ERRORS])
+def test_cli_from_error_rows(case, recorded_png, tiny_sd1, workdir, capsys):
+    name, argv, fragment = case
+    code, err = _run(["generate", *_fill(argv, workdir, tiny_sd1, recorded_png), "-q"], capsys)
+    assert code == 2 and fragment in err, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert list(workdir.iterdir()) == []
 
 
 @pytest.mark.parametrize("case", USAGE, ids=[c[0] for c in USAGE])

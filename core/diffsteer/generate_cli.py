@@ -311,11 +311,9 @@ def _loading_bars(show: bool) -> Iterator[None]:
 def _load_init_image(path: str, height: Optional[int], width: Optional[int], multiple: int) -> tuple[Any, int, int]:
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise InputFileError(path, f"--image: cannot read the image ({exc})") from None
+    from .images import open_image
+
+    image = open_image(path)
     w = width if width is not None else image.width - image.width % multiple
     h = height if height is not None else image.height - image.height % multiple
     if w < 1 or h < 1:

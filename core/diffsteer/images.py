@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, Sequence[Image.Image]]
+from .errors import InputFileError, RequestError
+
+ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, Sequence[Image.Image], str, "os.PathLike[str]"]
+
+
+def open_image(path: Union[str, "os.PathLike[str]"]) -> Image.Image:
+    """An image file as RGB, read whole (the file is closed); unreadable files raise :class:`InputFileError`."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise InputFileError(str(path), f"cannot read the image ({exc})") from None
 
 
 def to_model_tensor(image: ImageInput, *, multiple: int = 8) -> torch.Tensor:
@@ -16,13 +28,15 @@ def to_model_tensor(image: ImageInput, *, multiple: int = 8) -> torch.Tensor:
 
     PIL images are resized down to a multiple of ``multiple`` (Lanczos, as diffusers does); numpy
     arrays are ``HWC``/``NHWC`` in ``[0, 1]``; tensors are ``CHW``/``NCHW`` in ``[-1, 1]`` (or 4-channel
-    latents, which pass through unchanged).
+    latents, which pass through unchanged); a path is read as a PIL image.
     """
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(image)
     if isinstance(image, Image.Image):
         image = [image]
     if isinstance(image, (list, tuple)):
         if not image or not all(isinstance(i, Image.Image) for i in image):
-            raise TypeError("image lists must hold PIL images")
+            raise RequestError("image", "lists must hold PIL images")
         arrays = []
         for im in image:
             w, h = (d - d % multiple for d in im.size)
@@ -35,16 +49,18 @@ def to_model_tensor(image: ImageInput, *, multiple: int = 8) -> torch.Tensor:
         if arr.ndim == 3:
             arr = arr[None]
         if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-            raise ValueError(f"numpy images must be HWC or NHWC with 1 or 3 channels, got shape {image.shape}")
+            raise RequestError(
+                "image", f"as a numpy array must be HWC or NHWC with 1 or 3 channels, got shape {image.shape}"
+            )
         if arr.max(initial=0.0) > 1.0 + 1e-6:
-            raise ValueError("numpy images must hold values in [0, 1]; divide uint8 images by 255")
+            raise RequestError("image", "as a numpy array must hold values in [0, 1]; divide uint8 images by 255")
         return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
     if isinstance(image, torch.Tensor):
         t = image[None] if image.ndim == 3 else image
         if t.ndim != 4:
-            raise ValueError(f"image tensors must be CHW or NCHW, got shape {tuple(image.shape)}")
+            raise RequestError("image", f"as a tensor must be CHW or NCHW, got shape {tuple(image.shape)}")
         return t.float()
-    raise TypeError(f"unsupported image type {type(image).__name__}")
+    raise RequestError("image", f"must be a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}")
 
 
 def postprocess(images: torch.Tensor, output_type: str) -> Any:
