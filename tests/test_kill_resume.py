@@ -134,3 +134,12 @@ def test_one_cleaner_knows_every_temporary_of_the_atomic_writers(tmp_path):
     assert (tmp_path / "a.txt").read_text() == "a" and (tmp_path / "d").is_dir()
     assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
     assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_a_scratch_folder_is_named_for_the_cleaner_and_removed(tmp_path):
+    from diffsteer.atomic import is_stale_temporary, scratch_directory
+
+    with scratch_directory(tmp_path, "timing") as scratch:
+        (scratch / "x").write_text("1")
+        assert TEMPORARY_NAME.match(scratch.name) and not is_stale_temporary(scratch)
+    assert list(tmp_path.iterdir()) == []

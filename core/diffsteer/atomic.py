@@ -122,6 +122,21 @@ def atomic_directory(target: PathLike) -> Iterator[Path]:
         _open.difference_update((tmp.resolve(), old.resolve()))
 
 
+@contextmanager
+def scratch_directory(parent: PathLike, name: str) -> Iterator[Path]:
+    """Yield a throw-away folder in ``parent``, deleted when the block ends; named like the temporaries above,
+    so a run killed inside the block leaves nothing that :func:`remove_stale_temporaries` would not delete."""
+    target = Path(parent) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target, "tmp")))
+    _open.add(tmp.resolve())
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _open.discard(tmp.resolve())
+
+
 def _writer_alive(pid: int) -> bool:
     if pid == os.getpid() or os.name != "posix":
         # Our own open temporaries are in _open; anything else of ours is from an earlier process that had

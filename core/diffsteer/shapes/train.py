@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..atomic import atomic_file, remove_stale_temporaries
+from ..atomic import atomic_file, remove_stale_temporaries, scratch_directory
 from ..hookspecs import hookimpl
 from ..loading.pipeline_loader import PipelineParts, load_pipeline_parts, shipped_model_dir
 from ..loading.pipeline_writer import save_pipeline
@@ -443,6 +443,7 @@ def time_stage4(out: Path, recipe: ShapesRecipe, log: Log = print, *, device: Un
     device = torch.device(device)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     images, captions, _, mean, scaling, tokenizer = _stages_1_to_3(work, recipe, log, device)
     torch.manual_seed(recipe.seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**recipe.text_config(tokenizer))).to(device)
@@ -450,10 +451,8 @@ def time_stage4(out: Path, recipe: ShapesRecipe, log: Log = print, *, device: Un
     plugins, extra = stage4_plugins(recipe, images, mean.shape[-1])
     clock = _Clock()
     timed = recipe.model_copy(update={"checkpoint_every": steps + 1})
-    import tempfile
-
-    with tempfile.TemporaryDirectory(dir=work) as scratch:
-        _train_jointly(Path(scratch), timed, "timing", unet, text_encoder, tokenizer, mean * scaling, captions, log,
+    with scratch_directory(work, "timing") as scratch:
+        _train_jointly(scratch, timed, "timing", unet, text_encoder, tokenizer, mean * scaling, captions, log,
                        steps=steps, lr=recipe.unet_lr, warmup_steps=0, seed=recipe.seed,
                        extra_plugins=[clock, *plugins], extra_data=extra, threads=threads)
     first = steps // 3
