@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .errors import DiffsteerError, InputFileError
 from .image_files import check_output_path, read_image_parameters, save_image
-from .provenance import absolutise, content_hash
+from .provenance import absolutise, content_hash, strings_in, verify_inputs
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -173,16 +173,6 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
     return {opt.key: getattr(args, opt.key) for opt in OPTIONS if getattr(args, opt.key) is not None}
 
 
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, (list, tuple)):
-        return [s for v in value for s in _strings(v)]
-    return []
-
-
 def _absolute_model(model: str, files: dict[str, str]) -> str:
     path = Path(model).expanduser()
     if path.is_dir() or path.is_file():
@@ -190,23 +180,6 @@ def _absolute_model(model: str, files: dict[str, str]) -> str:
         files[str(path)] = content_hash(path)
         return str(path)
     return model
-
-
-def _check_recorded_files(recorded: dict[str, str], current: dict[str, str], params: dict[str, Any],
-                          source: str) -> None:
-    """Each recorded file the re-run still uses must exist and hold the recorded content."""
-    used = set(_strings({k: v for k, v in params.items() if k != "files"}))
-    for name, old in recorded.items():
-        if name not in used:
-            continue  # an override replaced it
-        new = current.get(name)
-        if new is None:
-            raise InputFileError(name, f"recorded in {source} but missing; restore it to reproduce the image")
-        if new != old:
-            raise InputFileError(
-                name, f"changed since {source} was made (recorded {old}, now {new}); restore the recorded file "
-                "to reproduce the image"
-            )
 
 
 def build_parameters(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -255,7 +228,8 @@ def build_parameters(args: argparse.Namespace) -> tuple[dict[str, Any], list[dic
     for p in plugins:
         p["settings"] = absolutise(p["settings"], files)
     if source:
-        _check_recorded_files(recorded_files, files, {**params, "plugins": plugins}, source)
+        used = strings_in({**{k: v for k, v in params.items() if k != "files"}, "plugins": plugins})
+        verify_inputs(recorded_files, files, used, source)
     params["files"] = files
     return params, plugins
 

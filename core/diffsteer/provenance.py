@@ -61,15 +61,32 @@ def absolutise(value: Any, files: dict[str, str]) -> Any:
     return value
 
 
-def verify_inputs(files: Mapping[str, str], source: str) -> None:
-    """Raise :class:`InputFileError` naming the first recorded file that is missing or whose content changed."""
-    for name, recorded in files.items():
-        path = Path(name)
-        if not path.exists():
+def strings_in(value: Any) -> set[str]:
+    """Every string inside ``value`` (walking lists and mappings)."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, Mapping):
+        return {s for v in value.values() for s in strings_in(v)}
+    if isinstance(value, (list, tuple)):
+        return {s for v in value for s in strings_in(v)}
+    return set()
+
+
+def verify_inputs(recorded: Mapping[str, str], current: Mapping[str, str], used: set[str], source: str) -> None:
+    """Refuse a re-run whose inputs differ from the recorded ones.
+
+    ``recorded`` and ``current`` map absolute paths to :func:`content_hash`; ``used`` holds the strings the
+    re-run's parameters contain, so a recorded file that an override replaced is not checked. A recorded file
+    still used but missing, or with other content, raises :class:`InputFileError` naming it (and both hashes).
+    """
+    for name, old in recorded.items():
+        if name not in used:
+            continue
+        new = current.get(name)
+        if new is None:
             raise InputFileError(name, f"recorded in {source} but missing; restore it to reproduce the image")
-        now = content_hash(path)
-        if now != recorded:
+        if new != old:
             raise InputFileError(
-                name, f"changed since {source} was made (recorded {recorded}, now {now}); restore the recorded "
-                "file to reproduce the image"
+                name, f"changed since {source} was made (recorded {old}, now {new}); restore the recorded file "
+                "to reproduce the image"
             )
