@@ -154,7 +154,7 @@ def _outline(path):
     render_outline(Scene([ShapeObject("circle", "red", 0.3, 0.5, 0.2)], "white")).save(path)
 
 
-def test_from_finds_a_control_image_from_another_folder_and_refuses_a_changed_one(tmp_path, monkeypatch, capsys):
+def test_from_finds_a_control_image_from_another_folder_refuses_a_changed_one_and_restores_a_lost_one(tmp_path, monkeypatch, capsys):
     pytest.importorskip("diffsteer_controlnet")
     first, second = tmp_path / "made-here", tmp_path / "rerun-here"
     first.mkdir()
@@ -180,9 +180,15 @@ def test_from_finds_a_control_image_from_another_folder_and_refuses_a_changed_on
     now = "sha256:" + __import__("hashlib").sha256((first / "outline.png").read_bytes()).hexdigest()
     assert f"error: {image}: changed since" in err and recorded in err and now in err
     assert not (second / "c.png").exists()
+
+    # Gone altogether (say, the PNG was sent elsewhere): the copy embedded in a.png stands in for it.
+    monkeypatch.setenv("DIFFSTEER_CACHE_DIR", str(tmp_path / "cache"))
     (first / "outline.png").unlink()
-    assert main(["generate", "--from", str(first / "a.png"), "-o", "c.png", "-q"]) == 2
-    assert f"{image}: recorded in" in capsys.readouterr().err
+    assert main(["generate", "--from", str(first / "a.png"), "-o", "d.png", "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(first / "a.png")), np.asarray(Image.open(second / "d.png")))
+    restored = read_parameters(second / "d.png")["plugins"][0]["settings"]["image"]
+    assert restored.startswith(str(tmp_path / "cache" / "inputs")) and params["files"][image] in \
+        read_parameters(second / "d.png")["files"].values()
 
 
 def test_from_applies_overrides_and_records_them(tiny_sd1, tmp_path):
@@ -211,6 +217,10 @@ def test_from_refuses_a_changed_model_folder(tiny_sd1, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--from", str(out), "-o", str(tmp_path / "b.png"), "-q"]) == 2
     assert f"{model}: changed since" in capsys.readouterr().err
+    shutil.rmtree(model)  # a model is never embedded: gone is an error naming it
+    assert main(["generate", "--from", str(out), "-o", str(tmp_path / "b.png"), "-q"]) == 2
+    assert f"{model}: recorded in {out} but missing" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()
 
 
 @pytest.mark.parametrize("suffix", [".jpg", ".webp"])

@@ -18,7 +18,15 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .errors import DiffsteerError, InputFileError
 from .image_files import check_output_path, read_image_parameters, save_image
-from .provenance import absolutise, content_hash, strings_in, verify_inputs
+from .provenance import (
+    absolutise,
+    content_hash,
+    embed_small_images,
+    replace_strings,
+    restore_embedded,
+    strings_in,
+    verify_inputs,
+)
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -200,6 +208,10 @@ def build_parameters(args: argparse.Namespace) -> tuple[dict[str, Any], list[dic
         params = read_image_parameters(Path(args.from_png))
         recorded_files = dict(params.pop("files", {}) or {})
         params.pop("from", None)
+        # Small images recorded inside the image stand in for files that are gone (made on another machine).
+        restored = restore_embedded(recorded_files, params.pop("embedded", {}) or {})
+        params = replace_strings(params, restored)
+        recorded_files = {restored.get(k, k): v for k, v in recorded_files.items()}
         plugins = [{"name": p["name"], "label": p.get("label", p["name"]), "settings": dict(p["settings"])}
                    for p in params.get("plugins", [])]
         apply_settings(plugins, args.set, source)
@@ -357,7 +369,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         finally:
             progress.close(ok)
     saved = {**out.parameters, "dtype": params.get("dtype") or "fp32", "model": params["model"],
-             "files": params["files"], "image": params.get("image")}
+             "files": params["files"], "image": params.get("image"),
+             "embedded": embed_small_images(params["files"])}
     # A scheduler picked by the model's own config is recorded by name so --from needs no guessing.
     saved["scheduler"] = params.get("scheduler") or out.parameters["scheduler"]
     for entry, recorded in zip(plugin_entries, saved["plugins"]):

@@ -23,11 +23,10 @@ _FORMAT = 1
 
 
 def cache_file() -> Path:
-    """``$DIFFSTEER_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffsteer``, else ``~/.cache/diffsteer``; then ``plugins.json``."""
-    root = os.environ.get("DIFFSTEER_CACHE_DIR")
-    if not root:
-        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffsteer")
-    return Path(root) / "plugins.json"
+    """``plugins.json`` in the diffsteer cache folder (:func:`~diffsteer.provenance.cache_dir`)."""
+    from .provenance import cache_dir
+
+    return cache_dir() / "plugins.json"
 
 
 def _source_files(module: str) -> list[Path]:

@@ -1,11 +1,13 @@
 """The files a generation reads (control images, embeddings, model folders), recorded so ``--from`` can
 tell when one has moved or changed: an absolute path and a SHA-256 of its content.
 
-A folder's hash covers every file under it: each relative path and its content, in sorted order.
+A folder's hash covers every file under it: each relative path and its content, in sorted order. Small
+image inputs (control images) are also embedded, so an image made elsewhere can be re-run without them.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from pathlib import Path
@@ -14,6 +16,17 @@ from typing import Any, Mapping
 from .errors import InputFileError
 
 _CHUNK = 1 << 20
+#: image inputs up to this size are embedded in the output's metadata
+EMBED_LIMIT = 64 * 1024
+_EMBEDDABLE = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def cache_dir() -> Path:
+    """``$DIFFSTEER_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffsteer``, else ``~/.cache/diffsteer``."""
+    root = os.environ.get("DIFFSTEER_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffsteer"
 
 
 def _update_with_file(digest: "hashlib._Hash", path: Path) -> None:
@@ -90,3 +103,45 @@ def verify_inputs(recorded: Mapping[str, str], current: Mapping[str, str], used:
                 name, f"changed since {source} was made (recorded {old}, now {new}); restore the recorded file "
                 "to reproduce the image"
             )
+
+
+def embed_small_images(files: Mapping[str, str]) -> dict[str, str]:
+    """``{path: base64 bytes}`` of each recorded image file no larger than :data:`EMBED_LIMIT`."""
+    out = {}
+    for name in files:
+        path = Path(name)
+        if path.suffix.lower() in _EMBEDDABLE and path.is_file() and path.stat().st_size <= EMBED_LIMIT:
+            out[name] = base64.b64encode(path.read_bytes()).decode("ascii")
+    return out
+
+
+def restore_embedded(recorded: Mapping[str, str], embedded: Mapping[str, str]) -> dict[str, str]:
+    """For each recorded file that is gone but embedded with the recorded content, write the embedded copy to
+    the cache (``cache_dir()/inputs``) and return ``{recorded path: restored path}``."""
+    moved = {}
+    for name, data in embedded.items():
+        if name not in recorded or Path(name).exists():
+            continue
+        content = base64.b64decode(data)
+        if "sha256:" + hashlib.sha256(content).hexdigest() != recorded[name]:
+            continue  # not the recorded file: verify_inputs reports it missing
+        target = cache_dir() / "inputs" / f"{recorded[name].removeprefix('sha256:')}{Path(name).suffix}"
+        if not target.is_file():
+            from .atomic import atomic_file
+
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(target) as tmp:
+                tmp.write_bytes(content)
+        moved[name] = str(target)
+    return moved
+
+
+def replace_strings(value: Any, mapping: Mapping[str, str]) -> Any:
+    """``value`` with every string that is a key of ``mapping`` replaced by its value (lists and mappings walked)."""
+    if isinstance(value, str):
+        return mapping.get(value, value)
+    if isinstance(value, Mapping):
+        return {k: replace_strings(v, mapping) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [replace_strings(v, mapping) for v in value]
+    return value
