@@ -194,6 +194,39 @@ def test_compiled_sag_observer_equals_eager_without_recompiling(fresh):
     assert torch.allclose(compiled.extras["sag"]["masks"].float(), eager.extras["sag"]["masks"].float())
 
 
+def test_compiled_sega_sag_controlnet_stack_equals_eager(fresh):
+    # The stack the GPU bench compiles: SEGA's concept branch, SAG's observer and extra pass, and the
+    # ControlNet plugin's residuals on both passes.
+    sag = pytest.importorskip("diffsteer_sag")
+    sega = pytest.importorskip("diffsteer_sega")
+    controlnet = pytest.importorskip("diffsteer_controlnet")
+    from diffsteer_controlnet.model import ControlNetModel
+
+    torch.manual_seed(0)
+    net = ControlNetModel.from_unet(fresh.unet, conditioning_embedding_out_channels=(8, 16))  # the VAE downsamples by 2
+    with torch.no_grad():  # zero convolutions would add nothing
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def stack() -> list:
+        return [
+            sega.Sega(concepts=[dict(prompt="red", warmup_steps=1)]),
+            sag.Sag(sag_scale=0.75),
+            controlnet.ControlNet(controlnet=net, image=image),
+        ]
+
+    kw = dict(KW, height=64, width=64)
+    eager = fresh(plugins=stack(), **kw).images
+    assert (eager - fresh(**kw).images).abs().max().item() > 1e-3
+    counter = GraphCounter()
+    fresh.compile(backend=counter)
+    compiled = fresh(plugins=stack(), **kw).images
+    fresh(plugins=stack(), **kw)
+    assert len(counter.graphs) == 2  # the main pass (uncond, cond, concept) and SAG's pass
+    assert (compiled - eager).abs().max().item() <= 1e-5
+
+
 def test_a_compiled_pipeline_serves_concurrent_calls_with_different_patches(fresh):
     jobs = [[], [ProbsEditor([])], [Residuals()], [ProbsEditor([]), Residuals()]]
     expected = [fresh(plugins=p, **KW).images for p in jobs]
