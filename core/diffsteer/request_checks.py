@@ -27,33 +27,31 @@ def _show(number: Any) -> str:
     return f"{number:g}" if isinstance(number, float) else str(number)
 
 
-def _check_range(name: str, value: Any, minimum: Any, maximum: Any, hint: str) -> None:
+def check_number(name: str, value: Any, *, integer: bool = False, minimum: Any = None, maximum: Any = None,
+                 optional: bool = False, hint: str = "") -> None:
+    """``value`` is a finite number (an integer when ``integer``; never a bool or a string) within
+    ``[minimum, maximum]``; None passes when ``optional``."""
+    if value is None and optional:
+        return
+    kind, what = (numbers.Integral, "an integer") if integer else (numbers.Real, "a number")
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise RequestError(name, f"must be {what}, got {value!r} ({_kind(value)})")
+    if not integer and not math.isfinite(value):
+        raise RequestError(name, f"must be a finite number, got {value}")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         span = (f"in [{_show(minimum)}, {_show(maximum)}]" if minimum is not None and maximum is not None
                 else f"at least {_show(minimum)}" if minimum is not None else f"at most {_show(maximum)}")
         raise RequestError(name, f"must be {span}, got {value}{hint}")
 
 
-def check_int(name: str, value: Any, *, minimum: Optional[int] = None, maximum: Optional[int] = None,
-              optional: bool = False, hint: str = "") -> None:
-    """``value`` is an integer (not a bool or a string) within ``[minimum, maximum]``."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise RequestError(name, f"must be an integer, got {value!r} ({_kind(value)})")
-    _check_range(name, value, minimum, maximum, hint)
+def check_int(name: str, value: Any, **limits: Any) -> None:
+    """:func:`check_number` for an integer."""
+    check_number(name, value, integer=True, **limits)
 
 
-def check_float(name: str, value: Any, *, minimum: Optional[float] = None, maximum: Optional[float] = None,
-                optional: bool = False, hint: str = "") -> None:
-    """``value`` is a finite real number (not a bool or a string) within ``[minimum, maximum]``."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise RequestError(name, f"must be a number, got {value!r} ({_kind(value)})")
-    if not math.isfinite(value):
-        raise RequestError(name, f"must be a finite number, got {value}")
-    _check_range(name, value, minimum, maximum, hint)
+def check_float(name: str, value: Any, **limits: Any) -> None:
+    """:func:`check_number` for a real number."""
+    check_number(name, value, **limits)
 
 
 def check_prompts(name: str, value: Any, *, optional: bool = False) -> Optional[list[str]]:
