@@ -395,3 +395,15 @@ def test_a_short_eval_says_which_words_it_leaves_out(tiny_sd1, capsys):
     colours = {w for p in eval_prompts(enough, 0, 0) for w in ("red", "green", "blue", "yellow") if w in p}
     assert colours == {"red", "green", "blue", "yellow"} and not eval_coverage_notes(enough, 0, 0)
     assert eval_coverage_notes(144, 72, 96) == []
+
+
+def test_threads_sets_torchs_thread_count(tiny_sd1, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "a red circle", "--model", str(tiny_sd1), "--steps", "1", "--threads", "2",
+                     "-o", str(tmp_path / "t.png"), "-q"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

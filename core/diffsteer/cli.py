@@ -269,7 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         # Outputs are written by rename, so an earlier file of the same name is still whole.
-        print("interrupted; nothing was written", file=sys.stderr)
+        print("interrupted; no file was left half-written", file=sys.stderr)
         return 130
 
 
