@@ -6,7 +6,7 @@ depth) and adds residuals to the UNet's skip connections, so the image follows t
 >>> from diffsteer import Pipeline                                              # doctest: +SKIP
 >>> from diffsteer_controlnet import ControlNet                                 # doctest: +SKIP
 >>> pipe = Pipeline.from_pretrained("shapes")                                   # doctest: +SKIP
->>> cn = ControlNet(model="shapes-outline", image="outline.png", scale=1.0)     # doctest: +SKIP
+>>> cn = ControlNet(model="shapes-outline", image="outline.png", conditioning_scale=1.0)  # doctest: +SKIP
 >>> pipe("a red circle", num_inference_steps=20, seed=0, plugins=[cn])          # doctest: +SKIP
 
 Several ControlNets stack as several plugin instances (each with its own image and scale), which is

@@ -7,6 +7,8 @@
   modules below. Such files carry no config: the trunk comes from the UNet the ControlNet is for, the
   control encoder's widths from the file's own tensors.
 * A **short name** (``"shapes-outline"``) is a folder shipped as package data (``SHIPPED``).
+* A **diffusers ``ControlNetModel`` object** converts with :func:`as_controlnet_model` (its config and state
+  dict; the module names are the same).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .model import ControlNetConfig, ControlNetModel
 
 __all__ = [
     "SHIPPED",
+    "as_controlnet_model",
     "controlnet_keymap",
     "load_controlnet",
     "original_to_diffusers",
@@ -108,6 +111,36 @@ def load_controlnet(
     return build_model(
         ControlNetModel, config, state, config_source=f"{source} (config inferred from the UNet and the file)",
         weights_source=source, dtype=dtype, device=device,
+    )
+
+
+def as_controlnet_model(net: Any) -> ControlNetModel:
+    """``net`` as our :class:`ControlNetModel`: ours is returned as it is, a diffusers ``ControlNetModel`` is
+    converted (same config, a copy of its weights, same dtype and device).
+
+    Raises:
+        ModelLoadError: for any other object, saying what to pass instead.
+    """
+    if isinstance(net, ControlNetModel):
+        return net
+    kind = type(net)
+    # diffusers is not a dependency: recognise its class by module and name, without importing it.
+    if kind.__module__.split(".")[0] == "diffusers" and kind.__name__ == "ControlNetModel":
+        source = "the diffusers ControlNetModel"
+        config = {k: v for k, v in dict(net.config).items() if not k.startswith("_")}
+        state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        return build_model(
+            ControlNetModel, config, state, config_source=f"{source}'s config", weights_source=source,
+            dtype=net.dtype, device=net.device,
+        )
+    if kind.__module__.split(".")[0] == "diffusers" and kind.__name__ == "MultiControlNetModel":
+        raise ModelLoadError(
+            "a diffusers MultiControlNetModel holds several ControlNets: pass each as its own controlnet plugin "
+            "(one ControlNet(...) per net, each with its image and scale); their residuals sum as diffusers' do"
+        )
+    raise ModelLoadError(
+        f"got a {kind.__module__}.{kind.__name__}; pass a diffsteer_controlnet.ControlNetModel or a diffusers "
+        "ControlNetModel object, or give model= a short name, a diffusers ControlNet folder or a single file"
     )
 
 

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from diffsteer import Plugin, PluginError, hookimpl
 from diffsteer.branches import UNCONDITIONAL
 from diffsteer.loading.errors import ModelLoadError
 
-from .loading import load_controlnet
+from .loading import as_controlnet_model, load_controlnet
 from .model import ControlNetModel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +41,10 @@ class ControlNetSettings(BaseModel):
         None, description="shipped short name ('shapes-outline'), a diffusers ControlNet folder or a single file"
     )
     image: Any = Field(description="the control image(s)")
-    conditioning_scale: float = Field(1.0, description="multiplies the residuals (controlnet_conditioning_scale)")
+    conditioning_scale: float = Field(
+        1.0, description="multiplies the residuals (diffusers' name, controlnet_conditioning_scale, works too)",
+        validation_alias=AliasChoices("conditioning_scale", "controlnet_conditioning_scale"),
+    )
     guess_mode: bool = Field(
         False, description="give the uncond branch no residuals and scale them 0.1..1 from shallow to deep"
     )
@@ -140,7 +143,8 @@ class ControlNet(Plugin):
 
     Args:
         settings: :class:`ControlNetSettings` or a mapping of its fields.
-        controlnet: an already loaded :class:`ControlNetModel` (instead of ``model``).
+        controlnet: an already loaded :class:`ControlNetModel` (instead of ``model``), or a diffusers
+            ``ControlNetModel``, converted to ours once (its weights are copied).
 
     Example:
         >>> from diffsteer import Pipeline                                          # doctest: +SKIP
@@ -153,13 +157,14 @@ class ControlNet(Plugin):
     contract = "1.1"
     Settings = ControlNetSettings
 
-    def __init__(self, settings: Any = None, *, controlnet: Optional[ControlNetModel] = None, **fields: Any) -> None:
+    def __init__(self, settings: Any = None, *, controlnet: Any = None, **fields: Any) -> None:
         super().__init__(settings, **fields)
-        self.controlnet = controlnet
         if controlnet is None and self.settings.model is None:
             raise PluginError(NAME, "needs a ControlNet: set model= (a short name, folder or file) or pass controlnet=")
-        if controlnet is not None and not isinstance(controlnet, ControlNetModel):
-            raise PluginError(NAME, f"controlnet= must be a ControlNetModel, not {type(controlnet).__name__}")
+        try:
+            self.controlnet = None if controlnet is None else as_controlnet_model(controlnet)
+        except ModelLoadError as exc:
+            raise PluginError(NAME, f"controlnet=: {exc}") from None
         # Loaded models by (dtype, device, UNet config); read-only, so concurrent calls may share them.
         self._loaded: dict[tuple[str, str, str], ControlNetModel] = {}
 
