@@ -138,8 +138,11 @@ def conv(layer: nn.Conv2d, x: torch.Tensor, context: Optional[ForwardContext] = 
         return layer(x)
     if layer.padding_mode != "zeros":
         raise NotImplementedError("weight patches support zero-padded convolutions only")
-    out_h = (x.shape[-2] + 2 * layer.padding[0] - layer.kernel_size[0]) // layer.stride[0] + 1  # type: ignore[index,operator]
-    out_w = (x.shape[-1] + 2 * layer.padding[1] - layer.kernel_size[1]) // layer.stride[1] + 1  # type: ignore[index,operator]
+    out_h, out_w = (
+        (x.shape[d - 2] + 2 * layer.padding[d] - layer.dilation[d] * (layer.kernel_size[d] - 1) - 1)  # type: ignore[index,operator]
+        // layer.stride[d] + 1
+        for d in (0, 1)
+    )
     weight, bias, factored = _effective(layer.weight, layer.bias, patch, x.shape[0] * out_h * out_w)
     args = (layer.stride, layer.padding, layer.dilation, layer.groups)
     out = F.conv2d(x, weight, bias, *args)
