@@ -407,3 +407,11 @@ def test_threads_sets_torchs_thread_count(tiny_sd1, tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_shapes_command_names_the_words_it_ignores(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert main(["shapes", "render", "a big purple elephant on the left on a white background", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the shapes world does not know 'elephant'" in err and "'big'" not in err
+    assert out.is_file()

@@ -4,6 +4,7 @@ ControlNet (``outline``, ``depth``, ``mask``) or as reference pictures (``render
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 KINDS = {
@@ -23,6 +24,22 @@ def add_shapes_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where objects the caption does not place go, and their sizes (default: 0)")
 
 
+#: words a caption may hold around the ones that describe objects
+_GRAMMAR = frozenset({"a", "an", "and", "on", "the", "at", "of", "in", "with", "to", "background"})
+
+
+def ignored_words(caption: str) -> list[str]:
+    """The words of ``caption`` that the shapes-world parser skips (it reads captions leniently)."""
+    import re
+
+    from .shapes.vocab import BACKGROUNDS, parse_caption
+
+    def understood(word: str) -> bool:
+        return word in _GRAMMAR or word in BACKGROUNDS or bool(parse_caption(f"a {word}").objects)
+
+    return list(dict.fromkeys(w for w in re.findall(r"[a-z]+", caption.lower()) if not understood(w)))
+
+
 def cmd_shapes(args: argparse.Namespace) -> int:
     from .atomic import atomic_file
     from .image_files import FORMATS, check_output_path
@@ -33,6 +50,10 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     check_output_path(out)
     check_int("--size", args.size, minimum=8, maximum=4096)
     check_int("--seed", args.seed, minimum=0, maximum=2**32 - 1)
+    ignored = ignored_words(args.caption)
+    if ignored:
+        print(f"warning: the shapes world does not know {', '.join(map(repr, ignored))}; the caption is read "
+              "without them", file=sys.stderr)
     scene = scene_from_caption(args.caption, args.seed)
     draw = {"render": render, "outline": render_outline, "depth": render_depth, "mask": render_mask}[args.kind]
     image = draw(scene, size=args.size)
