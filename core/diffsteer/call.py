@@ -40,6 +40,11 @@ class GenerationRequest:
     clip_skip: Optional[int]
     output_type: str
     seed: Optional[int]
+    #: ``(prompts, tokens, hidden)`` embeddings the caller passed instead of text (:mod:`diffsteer.prompt_embeds`);
+    #: ``prompts`` then holds one ``""`` per row.
+    prompt_embeds: Optional[torch.Tensor] = field(default=None, repr=False)
+    #: the same for the negative prompts (then ``negative_prompts`` is None).
+    negative_prompt_embeds: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def do_cfg(self) -> bool:

@@ -24,6 +24,8 @@ from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
 from .plugins import Plugin, PluginSpec, make_manager, plugin_label, resolve_plugins
 from .prompt_checks import warn_about_prompts
+from .prompt_embeds import describe as describe_embeddings
+from .prompt_embeds import mismatch_error, per_image, prompt_inputs, refuse_prompt_encoders
 from .request_checks import check_arguments, check_prompts, check_size
 from .schedulers import Scheduler, make_scheduler
 from .text import PromptEncoder, TokenTable, token_table_for
@@ -181,7 +183,7 @@ class Pipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: Union[str, Sequence[str]],
+        prompt: Union[str, Sequence[str], None] = None,
         negative_prompt: Union[str, Sequence[str], None] = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
@@ -199,16 +201,21 @@ class Pipeline:
         guidance_rescale: float = 0.0,
         clip_skip: Optional[int] = None,
         progress: Optional[ProgressFn] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
     ) -> PipelineOutput:
         """Generate images; parameters follow diffusers' ``StableDiffusionPipeline`` names.
 
         ``image`` switches to img2img (``strength`` of 1.0 starts from pure noise). ``seed`` makes a
         CPU generator; pass ``generator`` instead to share one. ``plugins`` run in the listed order.
-        ``eta`` (DDIM) overrides the scheduler's own value for this call.
+        ``eta`` (DDIM) overrides the scheduler's own value for this call. ``prompt_embeds`` and
+        ``negative_prompt_embeds`` (``(prompts, tokens, hidden)``, e.g. from compel) replace ``prompt`` and
+        ``negative_prompt``, as in diffusers (:mod:`diffsteer.prompt_embeds`).
         """
         request = self._request(
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
             strength, num_images_per_prompt, output_type, eta, guidance_rescale, clip_skip, image,
+            prompt_embeds, negative_prompt_embeds,
         )
         if generator is not None and seed is not None:
             raise ValueError("pass either generator or seed, not both")
@@ -218,6 +225,7 @@ class Pipeline:
         # Recorded before any work: settings that cannot be serialised fail now, not after generating.
         parameters = self._parameters(request, plugin_objs)
         pm = make_manager(plugin_objs)
+        refuse_prompt_encoders(pm, request)
         call = GenerationCall(
             unet=self.unet, vae=self.vae, text=self.text, scheduler=self.scheduler.fresh(), request=request,
             generator=generator, plugins=plugin_objs, hooks=pm, model_name=self.name,
@@ -244,9 +252,13 @@ class Pipeline:
 
     def _request(
         self, prompt, negative_prompt, steps, guidance_scale, height, width, seed, strength,
-        num_images, output_type, eta, guidance_rescale, clip_skip, image,
+        num_images, output_type, eta, guidance_rescale, clip_skip, image, prompt_embeds=None,
+        negative_prompt_embeds=None,
     ) -> GenerationRequest:
-        prompts = check_prompts("prompt", prompt)
+        prompts, prompt_embeds, negative_prompt_embeds = prompt_inputs(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            hidden=int(self.unet.config.cross_attention_dim),
+        )
         negatives = check_prompts("negative_prompt", negative_prompt, optional=True)
         if negatives is not None and isinstance(negative_prompt, str):
             negatives = negatives * len(prompts)
@@ -275,14 +287,18 @@ class Pipeline:
             guidance_scale=float(guidance_scale), guidance_rescale=float(guidance_rescale), height=height,
             width=width, num_images_per_prompt=num_images, strength=strength if image is not None else 1.0,
             eta=eta, clip_skip=clip_skip, output_type=output_type, seed=seed,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
         )
 
     def _parameters(self, request: GenerationRequest, plugins: Sequence[Plugin]) -> dict[str, Any]:
         return {
             "model": self.name,
             "scheduler": self.scheduler.name,
-            "prompt": request.prompts if len(request.prompts) > 1 else request.prompts[0],
+            "prompt": None if request.prompt_embeds is not None
+            else request.prompts if len(request.prompts) > 1 else request.prompts[0],
             "negative_prompt": request.negative_prompts,
+            "prompt_embeds": describe_embeddings(request.prompt_embeds),
+            "negative_prompt_embeds": describe_embeddings(request.negative_prompt_embeds),
             "steps": request.num_inference_steps,
             "guidance_scale": request.guidance_scale,
             "guidance_rescale": request.guidance_rescale,
@@ -304,15 +320,15 @@ class Pipeline:
         timesteps = call.timesteps
 
         layout = BranchLayout(call.batch_size)
-        positive = call.encode_per_image(req.prompts)
+        given, given_negative = req.prompt_embeds, req.negative_prompt_embeds
+        positive = call.encode_per_image(req.prompts) if given is None else per_image(call, given)
         if req.do_cfg:
-            negatives = req.negative_prompts or [""] * len(req.prompts)
-            negative = call.encode_per_image(negatives)
+            if given_negative is not None:
+                negative = per_image(call, given_negative)
+            else:
+                negative = call.encode_per_image(req.negative_prompts or [""] * len(req.prompts))
             if negative.shape[1:] != positive.shape[1:]:
-                raise GenerationError(
-                    f"negative prompt embeddings {tuple(negative.shape[1:])} differ from positive "
-                    f"{tuple(positive.shape[1:])}; the prompt encoder must pad both alike"
-                )
+                raise mismatch_error(req, negative.shape, positive.shape)
             layout.add("uncond", negative, role=UNCONDITIONAL)
         layout.add("cond", positive, role=CONDITIONAL)
         call.layout = layout
