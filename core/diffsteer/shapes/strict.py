@@ -13,11 +13,21 @@ An image is clean when every criterion holds:
   45 degrees than upright is a "diamond", the renderer's diamond being exactly that square;
 - ``position``, ``size``: as :func:`..evaluate.evaluate_caption` checks them (centroid in the named half; size on
   the named side of the small/large threshold), on the object matched to each phrase;
-- ``background``: the named background (as :func:`..evaluate.background_colour` reads it), and in any case a plain
-  white or black one (no grey or coloured field).
+- ``background``: the named background, as :func:`..evaluate.background_colour` reads it.
 
-:func:`evaluate_strict` returns these as booleans (None where the caption is silent) plus ``clean``; semantic tests
-use it as their default check. :func:`strict_verdict` also returns the blobs it measured, for diagnosis.
+Two more criteria catch blemishes a person sees but the issue's definition lets through; an image passing them too
+is *flawless*:
+
+- ``plain``: the background is pure white or black, without a faint frame, panel or tint: fewer than
+  :data:`MAX_FAINT_PIXELS` pixels (at 64x64) more than :data:`FAINT_LEVEL` off it, 2 px or more away from any
+  foreground;
+- ``solid``: no object holds a spot of another colour (or of grey) of :data:`MIN_SPOT_PIXELS` or more inside its
+  edge, like a cyan dot in a blue square.
+
+VAE round trips of the renderer's scenes pass all of them (tests/test_shapes_strict.py shows the margins).
+:func:`evaluate_strict` returns these as booleans (None where the caption is silent) plus ``clean`` and
+``flawless``; semantic tests use ``clean`` as their default check. :func:`strict_verdict` also returns the blobs it
+measured, for diagnosis.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from .evaluate import (
     OBJECT_THRESHOLD,
     ImageLike,
     _background_rgb,
+    _dilate,
     _hue_classes,
     _object_mask,
     _unit_geometry,
@@ -55,7 +66,13 @@ MIN_IOU = 0.75
 FIT_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 #: Shapes a caption may name for the strict check.
 STRICT_SHAPES: tuple[str, ...] = (*FIT_SHAPES, "diamond")
+FAINT_LEVEL = 24  # of 255: a background pixel this far off the background colour is a visible mark
+MAX_FAINT_PIXELS = 20  # at 64x64: VAE round trips of clean renders leave at most ~5 such pixels
+MIN_SPOT_PIXELS = 4  # at 64x64: a connected clump this large inside an object, off its colour, is a spot
+#: The issue's criteria: all must hold for an image to be clean.
 STRICT_CRITERIA: tuple[str, ...] = ("count", "stray", "colour", "shape", "position", "size", "background")
+#: Blemishes: a clean image passing these too is flawless.
+BLEMISH_CRITERIA: tuple[str, ...] = ("plain", "solid")
 
 # Rotations that map a form onto itself: the search covers one period only.
 _PERIOD = {"circle": 0.0, "square": 90.0, "triangle": 360.0}
@@ -80,7 +97,8 @@ class Blob:
     """One connected foreground blob, measured on its sub-pixel coverage.
 
     ``pixels`` counts its foreground pixels, ``area`` (pixels) and ``centroid`` (x, y) are coverage-weighted,
-    ``colour_fractions`` is the share of its pixels of each colour, ``fits`` the best fit of each ideal form.
+    ``colour_fractions`` is the share of its pixels of each colour, ``fits`` the best fit of each ideal form, ``spot``
+    the largest connected clump of pixels inside its edge that are not its majority colour.
     """
 
     pixels: int
@@ -89,6 +107,7 @@ class Blob:
     bbox: tuple[int, int, int, int]
     colour_fractions: dict[str, float]
     fits: dict[str, ShapeFit]
+    spot: int = 0
 
     @property
     def colour(self) -> str | None:
@@ -127,13 +146,20 @@ class StrictVerdict:
     blobs: tuple[Blob, ...]
     stray_pixels: int
     matched: tuple[int | None, ...] = field(default=())
+    faint_pixels: int = 0
 
     @property
     def clean(self) -> bool:
-        return all(v is not False for v in self.criteria.values())
+        """Every criterion of :data:`STRICT_CRITERIA` holds (or does not apply)."""
+        return all(self.criteria[k] is not False for k in STRICT_CRITERIA)
+
+    @property
+    def flawless(self) -> bool:
+        """Clean, and no blemish (:data:`BLEMISH_CRITERIA`)."""
+        return self.clean and all(self.criteria[k] is not False for k in BLEMISH_CRITERIA)
 
     def as_dict(self) -> dict[str, bool | None]:
-        return {**self.criteria, "clean": self.clean}
+        return {**self.criteria, "clean": self.clean, "flawless": self.flawless}
 
 
 # --- ideal shapes -----------------------------------------------------------------------------------------------------
@@ -214,7 +240,15 @@ def find_blobs(img: ImageLike) -> tuple[list[Blob], int]:
         region = labels == i
         hues = cls[region]
         fractions = {name: float((hues == k).mean()) for k, name in enumerate(COLOURS)}
+        # Inside the edge (anti-aliased edge pixels take mixed hues), clumps not of the majority colour are spots.
+        majority = int(np.argmax([fractions[c] for c in COLOURS]))
+        off = ~_dilate(~region, 1) & (cls != majority)
+        off_labels, n_off = connected_components(off)
+        spot = int(np.bincount(off_labels[off_labels >= 0]).max()) if n_off else 0
         alpha = region_coverage(arr, bg, region, mask)  # stray pixels are not the blob's either
+        # The shape is the silhouette: a darker or lighter interior (shading, a dot) is the colour check's business,
+        # so pixels inside the blob (not on its edge) count as fully covered; edges keep their sub-pixel coverage.
+        alpha[~_dilate(~region, 1)] = 1.0
         ys, xs = np.nonzero(region)
         blobs.append(
             Blob(
@@ -224,6 +258,7 @@ def find_blobs(img: ImageLike) -> tuple[list[Blob], int]:
                 bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
                 colour_fractions=fractions,
                 fits={s: fit_shape(alpha, s) for s in FIT_SHAPES},
+                spot=spot,
             )
         )
     return blobs, stray
@@ -267,7 +302,16 @@ def _object_checks(o: ObjectSpec, blob: Blob | None, width: int, height: int) ->
     }
 
 
-def _plain_background(img: ImageLike) -> bool:
+def faint_pixels(img: ImageLike) -> int:
+    """Background pixels 2 px or more away from any foreground that are more than :data:`FAINT_LEVEL` off the
+    background colour: a faint frame, panel or smudge (stronger ones are foreground)."""
+    arr = to_array(img)
+    bg = _background_rgb(arr)
+    far = ~_dilate(_object_mask(arr, bg, OBJECT_THRESHOLD), 2)
+    return int((far & (np.abs(arr - bg).max(axis=-1) > FAINT_LEVEL)).sum())
+
+
+def _pure_background(img: ImageLike) -> bool:
     bg = _background_rgb(to_array(img))
     return any(np.abs(bg - np.asarray(rgb)).max() <= OBJECT_THRESHOLD * 255.0 for rgb in BACKGROUND_RGB.values())
 
@@ -293,19 +337,23 @@ def strict_verdict(img: ImageLike, caption: str) -> StrictVerdict:
         if score > best_score:
             best_score, best, best_checks = score, picks, checks
     scale = h * w / (64 * 64)
-    criteria: dict[str, bool | None] = dict.fromkeys(STRICT_CRITERIA)
+    criteria: dict[str, bool | None] = dict.fromkeys(STRICT_CRITERIA + BLEMISH_CRITERIA)
     criteria["count"] = len(blobs) == len(wanted)
     criteria["stray"] = stray < MAX_STRAY_PIXELS * scale
     for key in ("colour", "shape", "position", "size"):
         values = [c[key] for c in best_checks if c[key] is not None]
         criteria[key] = all(values) if values else None
-    plain = _plain_background(img)
-    criteria["background"] = plain and (spec.background is None or background_colour(img) == spec.background)
-    return StrictVerdict(criteria, tuple(blobs), stray, best)
+    if spec.background:
+        criteria["background"] = background_colour(img) == spec.background
+    faint = faint_pixels(img)
+    criteria["plain"] = _pure_background(img) and faint < MAX_FAINT_PIXELS * scale
+    criteria["solid"] = all(b.spot < MIN_SPOT_PIXELS * scale for b in blobs)
+    return StrictVerdict(criteria, tuple(blobs), stray, best, faint)
 
 
 def evaluate_strict(img: ImageLike, caption: str) -> dict[str, bool | None]:
-    """Strict per-criterion booleans (:data:`STRICT_CRITERIA`, None where the caption is silent) and ``clean``."""
+    """Per-criterion booleans (:data:`STRICT_CRITERIA` and :data:`BLEMISH_CRITERIA`, None where the caption is
+    silent), ``clean`` and ``flawless``."""
     return strict_verdict(img, caption).as_dict()
 
 
