@@ -181,6 +181,9 @@ def test_errors_name_the_argument(tiny_pipe):
          r"^negative_prompt_embeds are shaped \(1, 77, 32\) but prompt_embeds \(2, 77, 32\): they must have the same"),
         (dict(prompt="a", negative_prompt_embeds=e), r"^negative_prompt_embeds have 2 rows for 1 prompts"),
         (dict(prompt_embeds=e, negative_prompt=["x", "y", "z"]), r"^negative_prompt has 3 entries for 2 prompts"),
+        (dict(prompt="a", negative_prompt_embeds=torch.zeros(1, 154, 32)),
+         r"^negative_prompt_embeds have \(154, 32\) \(tokens, hidden\) per row but the call encoded the prompt to "
+         r"\(77, 32\): pass both"),
     ]
     for kw, message in bad:
         with pytest.raises(RequestError, match=message):

@@ -100,17 +100,18 @@ def per_image(call: "GenerationCall", embeddings: torch.Tensor) -> torch.Tensor:
 
 def mismatch_error(request: "GenerationRequest", negative: torch.Size, positive: torch.Size) -> Exception:
     """The error for negative and positive embeddings of different sizes, naming what the user gave."""
-    if request.prompt_embeds is not None or request.negative_prompt_embeds is not None:
-        given = "prompt_embeds" if request.negative_prompt_embeds is None else "negative_prompt_embeds"
-        return RequestError(
-            given, f"have {tuple(positive[1:] if given == 'prompt_embeds' else negative[1:])} (tokens, hidden) per "
-            f"row but the call encoded the {'negative prompt' if given == 'prompt_embeds' else 'prompt'} to "
-            f"{tuple(negative[1:] if given == 'prompt_embeds' else positive[1:])}: pass both prompt_embeds and "
-            "negative_prompt_embeds, of one shape"
+    if request.prompt_embeds is None and request.negative_prompt_embeds is None:
+        return GenerationError(
+            f"negative prompt embeddings {tuple(negative[1:])} differ from positive "
+            f"{tuple(positive[1:])}; the prompt encoder must pad both alike"
         )
-    return GenerationError(
-        f"negative prompt embeddings {tuple(negative[1:])} differ from positive "
-        f"{tuple(positive[1:])}; the prompt encoder must pad both alike"
+    if request.negative_prompt_embeds is not None:
+        given, have, encoded_what, encoded = "negative_prompt_embeds", negative, "prompt", positive
+    else:
+        given, have, encoded_what, encoded = "prompt_embeds", positive, "negative prompt", negative
+    return RequestError(
+        given, f"have {tuple(have[1:])} (tokens, hidden) per row but the call encoded the {encoded_what} to "
+        f"{tuple(encoded[1:])}: pass both prompt_embeds and negative_prompt_embeds, of one shape"
     )
 
 
