@@ -16,6 +16,8 @@ from .latent_codec import decode_latents, encode_images, vae_scale_factor
 from .models.context import ForwardContext, WeightPatch
 from .plugins import Plugin, plugin_label
 from .schedulers import Scheduler
+from .scope import latent_mask
+from .scoped_hooks import ScopedHooks
 from .text import EncoderScope, PromptEncoder, TokenTable, token_table_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,6 +78,13 @@ class UNetInputs:
     mid_residual: Optional[torch.Tensor] = None
     intrablock_residuals: Optional[list[torch.Tensor]] = None
     extra_channels: list[torch.Tensor] = field(default_factory=list)
+    #: the region of the plugin adding conditioning now (set by the core): its residuals are confined to it.
+    region: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def _confined(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self.region is None:
+            return list(tensors)
+        return [t * latent_mask(self.region, t) for t in tensors]
 
     def _check_rows(self, owner: str, what: str, tensors: Sequence[torch.Tensor]) -> None:
         for t in tensors:
@@ -92,6 +101,7 @@ class UNetInputs:
         """Add ControlNet-style residuals (summed with those of other plugins); either part may be omitted."""
         if down:
             self._check_rows(owner, "a down-block residual", down)
+            down = self._confined(down)
             if self.down_residuals is not None and len(down) != len(self.down_residuals):
                 raise PluginError(owner, f"gave {len(down)} down residuals, others gave {len(self.down_residuals)}")
             self.down_residuals = (
@@ -99,11 +109,13 @@ class UNetInputs:
             )
         if mid is not None:
             self._check_rows(owner, "the mid-block residual", [mid])
+            mid = self._confined([mid])[0]
             self.mid_residual = mid if self.mid_residual is None else self.mid_residual + mid
 
     def add_intrablock_residuals(self, owner: str, residuals: Sequence[torch.Tensor]) -> None:
         """Add T2I-Adapter-style residuals inside the down blocks (summed across plugins)."""
         self._check_rows(owner, "an intrablock residual", residuals)
+        residuals = self._confined(residuals)
         if self.intrablock_residuals is None:
             self.intrablock_residuals = list(residuals)
         elif len(residuals) != len(self.intrablock_residuals):
@@ -116,6 +128,8 @@ class UNetInputs:
     def add_channels(self, owner: str, channels: torch.Tensor) -> None:
         """Append input channels (image or depth latents), concatenated after the latents in call order."""
         self._check_rows(owner, "the extra input channels", [channels])
+        if self.region is not None:
+            raise PluginError(owner, "cannot confine extra input channels to a region: remove region=")
         if channels.shape[-2:] != self.sample.shape[-2:]:
             raise PluginError(
                 owner, f"extra channels are {tuple(channels.shape[-2:])}, latents {tuple(self.sample.shape[-2:])}"
@@ -216,6 +230,8 @@ class GenerationCall:
         self._init_latents: Optional[torch.Tensor] = None
         self._first_step = 0
         self._steps_open = False
+        #: the per-step hooks with each plugin's step window and region applied (:mod:`diffsteer.scope`).
+        self.scoped = ScopedHooks(self)
         self.timesteps: torch.Tensor = torch.empty(0)
 
     # -- conveniences ------------------------------------------------------------------------------
@@ -339,6 +355,7 @@ class GenerationCall:
         tokenizes the call's prompts. A token the tokenizer or the call already has, or
         vectors of the wrong size, raise :class:`~diffsteer.errors.PluginError` naming ``owner``.
         """
+        self.scoped.refuse_region(owner, "added tokens")
         # The view delegates get_vocab to the shared tokenizer: its own words, not the added tokens.
         self.tokens.add_all(embeddings, owner=owner, tokenizer=self.text.tokenizer)
 
@@ -417,7 +434,7 @@ class GenerationCall:
         previous = (self.pass_name, self.pass_layout)
         self.pass_name, self.pass_layout = pass_name, layout
         try:
-            self.hook.diffsteer_model_inputs(call=self, step=self.step, inputs=inputs)
+            self.scoped.model_inputs(self.step, inputs)
             # Plugins may compute residuals in float32; the UNet adds them in its own dtype.
             out = inputs.run(
                 self.unet, channel_error=self._channel_error, residual_dtype=self.dtype, context=self.unet_context

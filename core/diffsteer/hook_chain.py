@@ -29,12 +29,19 @@ def is_wrapper(impl: Any) -> bool:
 
 
 def chain(
-    hook_caller: Any, value_arg: str, value: T, *, check: Optional[Callable[[str, T], None]] = None, **kwargs: Any
+    hook_caller: Any,
+    value_arg: str,
+    value: T,
+    *,
+    check: Optional[Callable[[str, T], None]] = None,
+    blend_in: Optional[Callable[[Any, T, T], T]] = None,
+    **kwargs: Any,
 ) -> T:
     """Call ``hook_caller`` so that each implementation receives the previous one's result as ``value_arg``.
 
     An implementation returning ``None`` keeps the value; ``check(owner, result)`` vets every other result
-    (it raises to refuse one). Returns the last value.
+    (it raises to refuse one) and ``blend_in(plugin, before, result)`` may then temper it (a region).
+    Returns the last value.
     """
     # get_hookimpls() lists plain implementations, then wrappers, each in reverse call order.
     impls = list(reversed(hook_caller.get_hookimpls()))
@@ -51,7 +58,7 @@ def chain(
             if result is not None:
                 if check is not None:
                     check(_owner(impl), result)
-                current = result
+                current = result if blend_in is None else blend_in(impl.plugin, current, result)
         return current
 
     return _wrapped(wrappers, call_one, inner, value)

@@ -20,6 +20,17 @@ Order and exclusivity:
   when it declares none). A call, a training run or ``diffsteer train`` refuses a plugin written for
   another major version or a newer minor with a :class:`~diffsteer.errors.PluginContractError` naming
   it. Each hook below says which version added it; *Contract versions* at the end lists the rest.
+* Every plugin has a **step window** and a **region** (``window_start``/``window_end``/``region``
+  keywords, applied by the core; :mod:`diffsteer.scope`). Outside its window none of a plugin's per-step hooks
+  (``pre_step``, ``model_inputs``, ``noise_prediction``, ``combine_guidance``, ``guidance``,
+  ``post_step``) is called and its attention patches are left out. A region (an image-sized mask)
+  confines what the plugin changes in a step: its guidance term, residuals, formula, and edits of
+  latents and predictions are blended in with the mask at their resolution; the following UNet passes
+  see the whole latent, so the effect spreads from there as the image forms. What cannot be confined
+  (``encode_prompt``, ``edit_embeddings``, ``weight_overrides``, ``decode``, added tokens, attention
+  edits, extra input channels) raises a :class:`~diffsteer.errors.PluginError` naming the plugin.
+  With a region in the call, per-step hooks run one plugin at a time (a wrapper wraps its own
+  plugin's implementation only).
 * Per-call state belongs in ``call.state_for(self)``, never on the plugin object: one plugin instance
   may serve concurrent calls.
 
@@ -77,7 +88,8 @@ CONTRACT_HISTORY = {
     "1.1": "pluggy wrappers on chained hooks; ``Plugin.contract``; call-scoped weight overrides; the call owns "
     "its run (timesteps before ``setup``, ``call.narrow_steps``, ``call.latent_shape``, ``call.vae_scale_factor``, "
     "``call.init_image``, ``call.init_latents``, ``call.encode_images``, ``call.decode_latents``); branch roles "
-    "(``Branch.role``, ``BranchLayout.with_role``)",
+    "(``Branch.role``, ``BranchLayout.with_role``); every plugin's step window and region (``window_start``, "
+    "``window_end``, ``region``, ``Plugin.scope_aliases``)",
 }
 
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .attention_patches import AttentionPatch, compile_patches
+from .attention_patches import compile_patches
 from .branches import CONDITIONAL, UNCONDITIONAL, BranchLayout
 from .call import GenerationCall, GenerationRequest, StepState
 from .errors import GenerationError, RequestError
@@ -336,33 +336,46 @@ class Pipeline:
         call._edit_branch_embeddings()
 
         latents = self._initial_latents(call, latents, timesteps)
-        latents = chain(call.hook.diffsteer_prepare_latents, "latents", latents, call=call)
+        latents = chain(call.hook.diffsteer_prepare_latents, "latents", latents, blend_in=call.scoped.blend_latents,
+                        call=call)
 
-        patches: list[AttentionPatch] = []
-        call.hook.diffsteer_attention_patches(call=call, register=patches.append)
-        processors = compile_patches(patches, self.unet.attention_layers()) if patches else {}
+        scoped = call.scoped
+        found = scoped.collect_patches()
+        compiled: dict[tuple[int, ...], dict] = {}
 
-        call.unet_context = dataclasses.replace(call.unet_context or ForwardContext(), processors=processors)
+        def processors_for(step: Optional[StepState]) -> dict:
+            # Plugins outside their step window leave their patches out of that step's processors.
+            patches = [p for _, p in found] if step is None else scoped.active_patches(found, step)
+            key = tuple(id(p) for p in patches)
+            if key not in compiled:
+                compiled[key] = compile_patches(patches, self.unet.attention_layers()) if patches else {}
+            return compiled[key]
+
+        call.unet_context = dataclasses.replace(call.unet_context or ForwardContext(), processors=processors_for(None))
         for index, t in enumerate(timesteps):
             step = StepState(index=index, timestep=t, latents=latents, num_steps=len(timesteps))
             call.step = step
-            call.hook.diffsteer_pre_step(call=call, step=step)
+            if scoped.windowed:
+                call.unet_context = dataclasses.replace(call.unet_context, processors=processors_for(step))
+            scoped.latents_hook("diffsteer_pre_step", step)
             preds = call.predict(step.latents, t, pass_name="main")
-            call.hook.diffsteer_noise_prediction(call=call, step=step, predictions=preds)
-            guided = call.hook.diffsteer_combine_guidance(call=call, step=step, predictions=preds)
-            if guided is None:
-                guided = (
+            scoped.noise_prediction(step, preds)
+
+            def cfg() -> torch.Tensor:
+                return (
                     preds["uncond"] + req.guidance_scale * (preds["cond"] - preds["uncond"])
                     if req.do_cfg
                     else preds["cond"]
                 )
-            for term in call.hook.diffsteer_guidance(call=call, step=step, predictions=preds):
+
+            guided = scoped.combine_guidance(step, preds, cfg)
+            for term in scoped.guidance(step, preds):
                 guided = guided + term
             if req.do_cfg and req.guidance_rescale > 0:
                 guided = rescale_guidance(guided, preds["cond"], req.guidance_rescale)
             out = sched.step(guided, t, step.latents, generator=call.generator, **self._step_kwargs(req))
             step.latents, step.prediction, step.pred_original = out.prev_sample, guided, out.pred_original_sample
-            call.hook.diffsteer_post_step(call=call, step=step)
+            scoped.latents_hook("diffsteer_post_step", step)
             latents = step.latents
             if not torch.isfinite(latents).all():
                 active = ", ".join(plugin_label(p) for p in call.plugins) or "none"

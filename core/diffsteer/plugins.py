@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import hookspecs
 from .hook_chain import is_wrapper
+from .scope import Scope, split_scope
+
+DEFAULT_SCOPE = Scope()
 from .errors import PluginConflictError, PluginContractError, PluginError, PluginNotFoundError, SettingsError
 
 ENTRY_POINT_GROUP = "diffsteer"
@@ -40,19 +43,32 @@ class Plugin:
 
     name: ClassVar[str] = ""
     Settings: ClassVar[type[BaseModel]] = NoSettings
+    #: Other names a user may give the scope's ``window_start``/``window_end``/``region`` by (diffusers'
+    #: argument names, such as ControlNet's ``{"control_guidance_start": "window_start", ...}``).
+    scope_aliases: ClassVar[Mapping[str, str]] = {}
     #: The hook contract version (``"MAJOR.MINOR"``) this plugin was written for: the newest whose hooks or
     #: services it uses. The core refuses it when it serves another major or an older minor.
     contract: ClassVar[str] = "1.0"
 
     def __init__(self, settings: Union[BaseModel, Mapping[str, Any], None] = None, **fields: Any) -> None:
-        self.settings = validate_settings(type(self), settings, fields)
+        cls = type(self)
+        settings, own_fields, self.scope = split_scope(
+            cls.name or cls.__name__, cls.Settings.model_fields, cls.scope_aliases, settings, fields
+        )
+        self.settings = validate_settings(cls, settings, own_fields)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.settings!r})"
 
     def settings_dict(self) -> dict[str, Any]:
-        """The settings as JSON-compatible values, for reproducible metadata."""
-        return self.settings.model_dump(mode="json")
+        """The settings (and the scope's fields that are not defaults) as JSON-compatible values, for metadata."""
+        return {**self.settings.model_dump(mode="json"), **scope_of(self).settings()}
+
+
+def scope_of(plugin: Any) -> Scope:
+    """The plugin's step window and region (the default scope for a plugin that skipped ``Plugin.__init__``)."""
+    scope = getattr(plugin, "scope", None)
+    return scope if isinstance(scope, Scope) else DEFAULT_SCOPE
 
 
 def validate_settings(

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from diffsteer import Plugin, PluginError, hookimpl
 from diffsteer.branches import UNCONDITIONAL
@@ -33,6 +33,8 @@ class ControlNetSettings(BaseModel):
 
     ``image`` is one control image for every image of the call, or a list with one per prompt (or one
     per generated image): paths, PIL images, or ``[0, 1]`` tensors/arrays ``(C, H, W)`` / ``(B, C, H, W)``.
+    diffusers' ``control_guidance_start``/``control_guidance_end`` are accepted as the names of the core's
+    step window (``window_start``/``window_end``, which every plugin has; see :mod:`diffsteer.scope`).
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, arbitrary_types_allowed=True)
@@ -48,8 +50,6 @@ class ControlNetSettings(BaseModel):
     guess_mode: bool = Field(
         False, description="give the uncond branch no residuals and scale them 0.1..1 from shallow to deep"
     )
-    control_guidance_start: float = Field(0.0, ge=0, le=1, description="fraction of steps before the control starts")
-    control_guidance_end: float = Field(1.0, ge=0, le=1, description="fraction of steps after which it stops")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -68,15 +68,6 @@ class ControlNetSettings(BaseModel):
             if isinstance(item, (str, os.PathLike)) and not Path(item).is_file():
                 raise ValueError(f"control image file {str(item)!r} does not exist")
         return value
-
-    @model_validator(mode="after")
-    def _window(self) -> "ControlNetSettings":
-        if self.control_guidance_start >= self.control_guidance_end:
-            raise ValueError(
-                f"control_guidance_start ({self.control_guidance_start}) must be smaller than "
-                f"control_guidance_end ({self.control_guidance_end}), or the control never applies"
-            )
-        return self
 
     @field_serializer("image")
     def _describe_image(self, value: Any) -> Any:
@@ -155,6 +146,8 @@ class ControlNet(Plugin):
 
     name = NAME
     contract = "1.1"
+    # diffusers' names for the core's step window, which every plugin has (diffsteer.scope).
+    scope_aliases = {"control_guidance_start": "window_start", "control_guidance_end": "window_end"}
     Settings = ControlNetSettings
 
     def __init__(self, settings: Any = None, *, controlnet: Any = None, **fields: Any) -> None:
@@ -240,20 +233,13 @@ class ControlNet(Plugin):
             NAME, f"image: got {n} control images; give 1, one per prompt ({prompts}) or one per image ({total})"
         )
 
-    def scale_at(self, step: Optional["StepState"]) -> float:
-        """The conditioning scale at ``step``: zero outside the ``control_guidance_start/end`` window."""
-        s = self.settings
-        if step is None:
-            return s.conditioning_scale
-        i, n = step.index, step.num_steps
-        outside = i / n < s.control_guidance_start or (i + 1) / n > s.control_guidance_end
-        return s.conditioning_scale * (0.0 if outside else 1.0)
-
     @hookimpl
     def diffsteer_model_inputs(self, call: "GenerationCall", step: Optional["StepState"], inputs: "UNetInputs") -> None:
-        scale = self.scale_at(step)
+        # Outside control_guidance_start/end (the core's step window) this hook is not called: the reference
+        # adds 0 * residual there, the same sum without running the ControlNet.
+        scale = self.settings.conditioning_scale
         if scale == 0.0:
-            return  # the reference adds 0 * residual here: the same sum, without running the ControlNet
+            return
         net = self.model_for(call)
         image = call.state_for(self)["image"]
         layout = inputs.layout

@@ -1,0 +1,186 @@
+"""The per-step hooks of a call, with each plugin's step window and region applied (see :mod:`diffsteer.scope`).
+
+Without windows or regions in the call these are the plain pluggy hook calls. A plugin outside its window
+is left out of the step's calls. With a region in the call, each plugin's per-step hooks run one plugin at a
+time in list order, so the core can blend what that plugin changed into its region (a wrapper then wraps
+its own plugin's implementation only).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import pluggy
+import torch
+
+from .attention_patches import AttentionPatch
+from .errors import PluginError
+from .hook_chain import is_wrapper
+from .plugins import Plugin, plugin_label, scope_of
+from .scope import blend, latent_mask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .branches import BranchPredictions
+    from .call import GenerationCall, StepState, UNetInputs
+
+#: Hooks whose effect cannot be confined to a region: a plugin with a region may not implement them.
+UNCONFINABLE = {
+    "diffsteer_encode_prompt": "prompt encoding",
+    "diffsteer_edit_embeddings": "embedding edits",
+    "diffsteer_weight_overrides": "weight overrides",
+    "diffsteer_decode": "decoding",
+}
+
+
+class _Without:
+    """Hook callers of ``pm`` that leave some plugins out."""
+
+    def __init__(self, pm: pluggy.PluginManager, left_out: list[Plugin]) -> None:
+        self._pm, self._left_out = pm, left_out
+        self._callers: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._callers:
+            self._callers[name] = self._pm.subset_hook_caller(name, remove_plugins=self._left_out)
+        return self._callers[name]
+
+
+class ScopedHooks:
+    """What a generation call's loop and ``call.predict`` call instead of ``call.hook`` for per-step hooks."""
+
+    def __init__(self, call: "GenerationCall") -> None:
+        self.call = call
+        self.plugins = list(call.plugins)
+        self.windowed = any(scope_of(p).windowed for p in self.plugins)
+        req = call.request
+        self.masks: dict[int, torch.Tensor] = {}
+        for p in self.plugins:
+            mask = scope_of(p).mask(plugin_label(p), req.height, req.width)
+            if mask is not None:
+                self.masks[id(p)] = mask.to(call.device)
+                self._refuse_unconfinable(p)
+        self._relays: dict[frozenset, Any] = {}
+
+    def _refuse_unconfinable(self, plugin: Plugin) -> None:
+        for hook, what in UNCONFINABLE.items():
+            caller = getattr(self.call.hook, hook, None)
+            if caller is not None and any(i.plugin is plugin for i in caller.get_hookimpls()):
+                raise PluginError(plugin_label(plugin), f"cannot confine its {what} ({hook}) to a region: remove region=")
+
+    def has_region(self, plugin: Plugin) -> bool:
+        return id(plugin) in self.masks
+
+    def refuse_region(self, owner: str, what: str) -> None:
+        """Raise when a plugin labelled ``owner`` has a region but does ``what``, which no region confines."""
+        if any(plugin_label(p) == owner and self.has_region(p) for p in self.plugins):
+            raise PluginError(owner, f"cannot confine {what} to a region: remove region=")
+
+    # -- which plugins act at a step ------------------------------------------------------------------------
+    def active(self, plugin: Plugin, step: Optional["StepState"]) -> bool:
+        return step is None or scope_of(plugin).active(step.index, step.num_steps)
+
+    def relay(self, step: Optional["StepState"]) -> Any:
+        """Hook callers without the plugins outside their window at ``step``."""
+        if not self.windowed or step is None:
+            return self.call.hook
+        out = [p for p in self.plugins if not self.active(p, step)]
+        if not out:
+            return self.call.hook
+        key = frozenset(id(p) for p in out)
+        if key not in self._relays:
+            self._relays[key] = _Without(self.call.pm, out)
+        return self._relays[key]
+
+    def _each(self, hook: str, step: Optional["StepState"]) -> list[tuple[Plugin, Any]]:
+        """``(plugin, caller of that plugin alone)`` for the active plugins implementing ``hook``, in call order."""
+        caller = getattr(self.call.hook, hook)
+        impls = [i for i in reversed(caller.get_hookimpls()) if not is_wrapper(i)]
+        out = []
+        for impl in impls:
+            plugin = impl.plugin
+            if self.active(plugin, step):
+                others = [p for p in self.plugins if p is not plugin]
+                out.append((plugin, self.call.pm.subset_hook_caller(hook, remove_plugins=others)))
+        return out
+
+    def blend_latents(self, plugin: Any, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """A chained latents edit (``prepare_latents``) confined to the plugin's region."""
+        mask = self.masks.get(id(plugin))
+        return after if mask is None else blend(before, after, mask)
+
+    # -- the per-step hooks -------------------------------------------------------------------------------------
+    def latents_hook(self, hook: str, step: "StepState") -> None:
+        """``pre_step`` or ``post_step``: latent edits confined to each plugin's region."""
+        if not self.masks:
+            getattr(self.relay(step), hook)(call=self.call, step=step)
+            return
+        for plugin, caller in self._each(hook, step):
+            before = step.latents
+            caller(call=self.call, step=step)
+            if self.has_region(plugin) and step.latents is not before:
+                step.latents = blend(before, step.latents, self.masks[id(plugin)])
+
+    def model_inputs(self, step: Optional["StepState"], inputs: "UNetInputs") -> None:
+        if not self.masks:
+            self.relay(step).diffsteer_model_inputs(call=self.call, step=step, inputs=inputs)
+            return
+        for plugin, caller in self._each("diffsteer_model_inputs", step):
+            inputs.region = self.masks.get(id(plugin))
+            try:
+                caller(call=self.call, step=step, inputs=inputs)
+            finally:
+                inputs.region = None
+
+    def noise_prediction(self, step: "StepState", predictions: "BranchPredictions") -> None:
+        if not self.masks:
+            self.relay(step).diffsteer_noise_prediction(call=self.call, step=step, predictions=predictions)
+            return
+        for plugin, caller in self._each("diffsteer_noise_prediction", step):
+            before = dict(predictions)
+            caller(call=self.call, step=step, predictions=predictions)
+            if self.has_region(plugin):
+                for name, value in list(predictions.items()):
+                    if name in before and value is not before[name]:
+                        predictions[name] = blend(before[name], value, self.masks[id(plugin)])
+
+    def combine_guidance(
+        self, step: "StepState", predictions: "BranchPredictions", core: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """The guided prediction: an active plugin's formula (inside its region) or the core's ``core()``."""
+        guided = self.relay(step).diffsteer_combine_guidance(call=self.call, step=step, predictions=predictions)
+        if guided is None:
+            return core()
+        for plugin, _ in self._each("diffsteer_combine_guidance", step):
+            if self.has_region(plugin):
+                return blend(core(), guided, self.masks[id(plugin)])
+        return guided
+
+    def guidance(self, step: "StepState", predictions: "BranchPredictions") -> list[torch.Tensor]:
+        if not self.masks:
+            return list(self.relay(step).diffsteer_guidance(call=self.call, step=step, predictions=predictions))
+        terms = []
+        for plugin, caller in self._each("diffsteer_guidance", step):
+            for term in caller(call=self.call, step=step, predictions=predictions):
+                if self.has_region(plugin):
+                    term = term * latent_mask(self.masks[id(plugin)], term)
+                terms.append(term)
+        return terms
+
+    # -- attention patches ------------------------------------------------------------------------------------
+    def collect_patches(self) -> list[tuple[Plugin, AttentionPatch]]:
+        """Every plugin's attention patches with the plugin that registered them; edits under a region are refused."""
+        found: list[tuple[Plugin, AttentionPatch]] = []
+        for plugin, caller in self._each("diffsteer_attention_patches", None):
+            caller(call=self.call, register=lambda patch, plugin=plugin: found.append((plugin, patch)))
+        for plugin, patch in found:
+            edits = [n for n in ("edit_qkv", "edit_probs", "edit_output") if getattr(patch, n) is not None]
+            if edits and self.has_region(plugin):
+                raise PluginError(
+                    plugin_label(plugin), f"cannot confine attention edits ({', '.join(edits)}) to a region: remove region="
+                )
+        return found
+
+    def active_patches(self, found: list[tuple[Plugin, AttentionPatch]], step: "StepState") -> list[AttentionPatch]:
+        return [patch for plugin, patch in found if self.active(plugin, step)]
