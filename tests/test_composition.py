@@ -34,7 +34,7 @@ from diffsteer_sega import Sega
 from diffsteer_textual_inversion import TextualInversion
 
 ROOT = Path(__file__).resolve().parents[1]
-DIAMOND = ROOT / "plugins" / "textual-inversion" / "tests" / "data" / "diamond.safetensors"
+DIAMOND = "diamond"  # the embedding shipped with the textual-inversion plugin
 N, STEPS = 12, 15
 SEEDS = range(3000, 3000 + N)
 # Diamond outlines at spread-out places: the control says where, the token says what.
@@ -47,7 +47,7 @@ TEMPLATE = "a {blue} {thing} on a white background"
 def diamond_rate(images: list) -> float:
     import sys
 
-    sys.path.insert(0, str(DIAMOND.parents[1]))  # the textual-inversion suite's diamond evaluator
+    sys.path.insert(0, str(ROOT / "plugins" / "textual-inversion" / "tests"))  # that suite's diamond evaluator
     from diamonds import diamond_rate as rate
 
     return rate(images)

@@ -26,11 +26,10 @@ def test_readme_installs_the_local_torch_build():
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
-    """The README's Python blocks run as written, from a checkout's root (they name files in plugins/)."""
+    """The README's Python blocks run as written, from any directory (nothing they name is a checkout path)."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert len(blocks) >= 2
-    (tmp_path / "plugins").symlink_to(ROOT / "plugins")
-    monkeypatch.chdir(tmp_path)  # outputs (out.png, stacked.png) land here, not in the checkout
+    monkeypatch.chdir(tmp_path)  # an empty directory; outputs (out.png, stacked.png) land here
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
     assert (tmp_path / "out.png").is_file() and (tmp_path / "stacked.png").is_file()

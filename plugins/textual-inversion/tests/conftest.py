@@ -14,5 +14,3 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # diamonds.py (the semantic tests' concept and evaluator) sits next to the tests.
 sys.path.insert(0, str(Path(__file__).parent))
-
-DATA = Path(__file__).parent / "data"

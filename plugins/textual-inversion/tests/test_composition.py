@@ -16,7 +16,6 @@ from diffsteer.testing import branch_recorder
 from diffsteer_prompt_weighting import PromptWeighting
 from diffsteer_sega import Sega
 from diffsteer_textual_inversion import TextualInversion
-from conftest import DATA
 from diamonds import diamond_rate
 
 N, STEPS = 16, 20
@@ -42,7 +41,7 @@ def test_learned_token_and_sega_concept_each_keep_their_effect(shapes_pipe):
     token's yellow. Thresholds leave ~0.35-0.5 of room below those.
     """
     prompt = ["a <diamond> on a black background"] * N
-    ti = TextualInversion(embeddings=[DATA / "diamond.safetensors"])
+    ti = TextualInversion(embeddings=["diamond"])
     red = Sega(concepts=[dict(prompt="red", guidance_scale=5.0, warmup_steps=2, threshold=0.7)])
     base = shapes_pipe(["a shape on a black background"] * N, num_inference_steps=STEPS, seed=0).images
     alone = shapes_pipe(prompt, num_inference_steps=STEPS, seed=0, plugins=[ti]).images

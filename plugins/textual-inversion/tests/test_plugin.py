@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from diffsteer import PluginError, SettingsError
 from diffsteer.testing import branch_recorder
 from diffsteer.pipeline import Pipeline
-from diffsteer_textual_inversion import TextualInversion, load_textual_inversion, read_embedding, write_embedding
+from diffsteer_textual_inversion import (SHIPPED, TextualInversion, load_textual_inversion, read_embedding,
+                                         shipped_embedding, write_embedding)
 
 
 
@@ -142,6 +143,37 @@ def test_bad_files_name_the_plugin_and_file(tmp_path, tiny_pipe):
         TextualInversion(embeddings=[tmp_path / "evil.pt"])
     with pytest.raises(SettingsError, match="textual-inversion.embeddings"):
         TextualInversion(embeddings=[{"path": "x", "colour": 1}])
+
+
+def test_shipped_embeddings_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the name must not depend on where the user runs
+    assert "diamond" in SHIPPED
+    token, vectors = read_embedding("diamond")
+    assert token == "<diamond>" and vectors.ndim == 2 and vectors.shape[0] == 1
+    assert torch.equal(vectors, read_embedding(shipped_embedding("diamond"))[1])
+    assert TextualInversion(embeddings=["diamond"]).tokens == {"<diamond>": 1}
+    assert TextualInversion(embeddings=[{"path": "diamond", "token": "<gem>"}]).tokens == {"<gem>": 1}
+    # A path in the working directory wins over the shipped name of the same spelling.
+    write_embedding(tmp_path / "diamond" / "learned_embeds.safetensors", "<mine>", torch.ones(3))
+    assert TextualInversion(embeddings=["diamond"]).tokens == {"<mine>": 1}
+    with pytest.raises(PluginError, match="textual-inversion.*'?ruby'?.*not found.*shipped: diamond"):
+        TextualInversion(embeddings=["ruby"])
+
+
+def test_shipped_embeddings_are_package_data():
+    """A wheel carries each shipped file: the pyproject's package-data globs match it."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    import diffsteer_textual_inversion as package
+
+    root = Path(package.__file__).parent
+    pyproject = root.parents[1] / "pyproject.toml"
+    globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"][package.__name__]
+    for name in SHIPPED:
+        rel = shipped_embedding(name).relative_to(root).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not in package-data {globs}"
 
 
 def test_bad_tokens_are_refused_before_any_work(tiny_pipe):

@@ -1,8 +1,8 @@
 """Semantic test on the shipped shapes model: a learned token for a shape the model never saw (a diamond) makes
 "a red <diamond>" come out as a diamond far more often than the base model's "a red shape" or "a red".
 
-The embedding is test data (data/diamond.safetensors, command in data/README.md); the evaluator
-(diamonds.shape_of) classifies each image's object pixels among circle / square / triangle / diamond by template
+The embedding ships with the plugin (``"diamond"``; src/diffsteer_textual_inversion/data/README.md says how it was
+made); the evaluator (diamonds.shape_of) classifies each image's object pixels among circle / square / triangle / diamond by template
 mismatch. Measured while writing the test (16 images, 20 DDIM steps): seed 0: 0.875 with the token vs 0.0625
 ("a red shape") and 0.0 ("a red"); seed 1: 0.75 vs 0.0. On the shipped model, after its two-object fine-tune:
 seed 0: 0.5625 vs 0.0 and 0.0. The thresholds: at least half the images are diamonds with the token, and at least
@@ -16,7 +16,6 @@ drew, and one token vector can only steer it toward the nearest one it can draw.
 from __future__ import annotations
 
 from diffsteer_textual_inversion import TextualInversion
-from conftest import DATA
 from diamonds import diamond_rate, diamond_set
 
 N, STEPS = 16, 20
@@ -25,7 +24,7 @@ N, STEPS = 16, 20
 def test_learned_diamond_token_draws_diamonds(shapes_pipe):
     # the evaluator itself recognises the concept it is about
     assert diamond_rate(diamond_set(8)[0]) == 1.0
-    ti = TextualInversion(embeddings=[DATA / "diamond.safetensors"])
+    ti = TextualInversion(embeddings=["diamond"])
     with_token = diamond_rate(shapes_pipe(["a red <diamond>"] * N, num_inference_steps=STEPS, seed=0, plugins=[ti]).images)
     shape = diamond_rate(shapes_pipe(["a red shape"] * N, num_inference_steps=STEPS, seed=0).images)
     bare = diamond_rate(shapes_pipe(["a red"] * N, num_inference_steps=STEPS, seed=0).images)

@@ -7,7 +7,7 @@ ones with ``diffsteer train textual-inversion`` (:mod:`diffsteer_textual_inversi
 >>> from diffsteer import Pipeline                                                       # doctest: +SKIP
 >>> from diffsteer_textual_inversion import TextualInversion                             # doctest: +SKIP
 >>> pipe = Pipeline.from_pretrained("shapes", scheduler="ddim")                          # doctest: +SKIP
->>> ti = TextualInversion(embeddings=["runs/diamond/learned_embeds.safetensors"])        # doctest: +SKIP
+>>> ti = TextualInversion(embeddings=["diamond"])   # the shipped <diamond>; or a file  # doctest: +SKIP
 >>> pipe("a red <diamond>", plugins=[ti], seed=0)                                        # doctest: +SKIP
 
 The tokens never touch the pipeline's shared tokenizer or text encoder: the core gives each call a token table
@@ -25,10 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diffsteer import Plugin, PluginError, SettingsError, hookimpl
 
-from .formats import read_embedding, write_embedding
+from .formats import SHIPPED, read_embedding, shipped_embedding, write_embedding
 
-__all__ = ["Embedding", "TextualInversion", "TextualInversionSettings", "load_textual_inversion", "read_embedding",
-           "write_embedding"]
+__all__ = ["SHIPPED", "Embedding", "TextualInversion", "TextualInversionSettings", "load_textual_inversion",
+           "read_embedding", "shipped_embedding", "write_embedding"]
 __version__ = "0.1.0"
 
 
@@ -37,7 +37,8 @@ class Embedding(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: Path = Field(description="a diffusers or A1111 embedding file, or a folder holding learned_embeds.*")
+    path: Path = Field(description="a diffusers or A1111 embedding file, a folder holding learned_embeds.*, or the "
+                                   "name of a shipped embedding ('diamond')")
     token: Optional[str] = Field(None, min_length=1, description="the prompt token; None: the file's own")
 
 

@@ -7,7 +7,8 @@ Layouts read:
 * A1111 ``.safetensors``: ``{"emb_params": (n, hidden)}``; the token is the file name without its suffix,
   as A1111 uses it.
 
-A folder stands for the ``learned_embeds.safetensors`` (else ``learned_embeds.bin``) inside it.
+A folder stands for the ``learned_embeds.safetensors`` (else ``learned_embeds.bin``) inside it; a bare name
+with no suffix that is not a file here (``"diamond"``) is an embedding shipped with the plugin (``SHIPPED``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,27 @@ from diffsteer.loading.weights import load_pickle, load_state_dict, save_state_d
 PLUGIN = "textual-inversion"
 DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
 PathLike = Union[str, "os.PathLike[str]"]
+DATA = Path(__file__).resolve().parent / "data"
+#: Embeddings shipped with the plugin, by short name (``data/<name>.safetensors``, diffusers layout):
+#: ``"diamond"`` is the token ``<diamond>``, learned on the shipped shapes model (data/README.md says how).
+SHIPPED = ("diamond",)
+
+
+def shipped_embedding(name: str) -> Path:
+    """File of a shipped embedding; a :class:`diffsteer.PluginError` lists the names for an unknown one."""
+    path = DATA / f"{name}.safetensors"
+    if name not in SHIPPED or not path.is_file():
+        have = [n for n in SHIPPED if (DATA / f"{n}.safetensors").is_file()]
+        raise PluginError(PLUGIN, f"{name}: embedding file not found, and no shipped embedding has that name "
+                                  f"(shipped: {', '.join(have) or 'none'})")
+    return path
 
 
 def embedding_file(path: PathLike) -> Path:
-    """The embedding file ``path`` names (a folder gives its ``learned_embeds.*``)."""
+    """The embedding file ``path`` names (a folder gives its ``learned_embeds.*``, a shipped name its file)."""
     p = Path(path)
+    if len(p.parts) == 1 and not p.suffix and not p.exists():
+        return shipped_embedding(p.name)
     if p.is_dir():
         for name in DIFFUSERS_FILES:
             if (p / name).is_file():
