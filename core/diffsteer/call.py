@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import pluggy
 import torch
@@ -230,6 +231,7 @@ class GenerationCall:
         self._init_latents: Optional[torch.Tensor] = None
         self._first_step = 0
         self._steps_open = False
+        self._gradient_depth = 0
         #: the per-step hooks with each plugin's step window and region applied (:mod:`diffsteer.scope`).
         self.scoped = ScopedHooks(self)
         self.timesteps: torch.Tensor = torch.empty(0)
@@ -396,6 +398,31 @@ class GenerationCall:
         """Encode one text per prompt and repeat each for ``num_images_per_prompt`` (diffusers' order)."""
         return self.encode(texts).repeat_interleave(self.request.num_images_per_prompt, dim=0)
 
+    @contextlib.contextmanager
+    def gradients(self) -> Iterator[None]:
+        """Run UNet passes with gradients with respect to their latents (attend-and-excite, pix2pix-zero).
+
+        A generation call runs under ``torch.no_grad``. Inside ``with call.gradients():`` gradient tracking is
+        on, so a plugin can do::
+
+            with call.gradients():
+                x = step.latents.detach().requires_grad_(True)
+                preds = call.predict(x, step.timestep, call.layout.subset(["cond"]), pass_name="mine")
+                (grad,) = torch.autograd.grad(loss_of(preds, observed_attention), x)
+            step.latents = step.latents - lr * grad
+
+        Attention observers of such a pass see probabilities that carry the graph. The model weights are
+        frozen, and conditioning from :func:`~diffsteer.hookspecs.diffsteer_model_inputs` (ControlNet
+        residuals, extra channels) is computed without gradients: it is a constant of the pass, so no graph
+        is built through a plugin's network and the gradient flows through the UNet alone.
+        """
+        self._gradient_depth += 1
+        try:
+            with torch.enable_grad():
+                yield
+        finally:
+            self._gradient_depth -= 1
+
     def _channel_error(self, expected: int, built: int) -> PluginError:
         latent = int(self.unet.config.out_channels)
         return PluginError(
@@ -434,7 +461,9 @@ class GenerationCall:
         previous = (self.pass_name, self.pass_layout)
         self.pass_name, self.pass_layout = pass_name, layout
         try:
-            self.scoped.model_inputs(self.step, inputs)
+            # Conditioning is a constant of a gradient pass (see gradients()).
+            with torch.no_grad() if self._gradient_depth else contextlib.nullcontext():
+                self.scoped.model_inputs(self.step, inputs)
             # Plugins may compute residuals in float32; the UNet adds them in its own dtype.
             out = inputs.run(
                 self.unet, channel_error=self._channel_error, residual_dtype=self.dtype, context=self.unet_context

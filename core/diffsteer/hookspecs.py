@@ -31,6 +31,11 @@ Order and exclusivity:
   edits, extra input channels) raises a :class:`~diffsteer.errors.PluginError` naming the plugin.
   With a region in the call, per-step hooks run one plugin at a time (a wrapper wraps its own
   plugin's implementation only).
+* A generation call runs under ``torch.no_grad``. A hook that needs gradients with respect to the
+  latents (attend-and-excite, pix2pix-zero) runs its passes inside ``with call.gradients():``
+  (:meth:`~diffsteer.call.GenerationCall.gradients`): ``call.predict`` is then differentiable, attention
+  observers see probabilities that carry the graph, the model weights stay frozen and conditioning from
+  ``model_inputs`` is a constant of the pass (no graph through a ControlNet).
 * Per-call state belongs in ``call.state_for(self)``, never on the plugin object: one plugin instance
   may serve concurrent calls.
 
@@ -89,7 +94,7 @@ CONTRACT_HISTORY = {
     "its run (timesteps before ``setup``, ``call.narrow_steps``, ``call.latent_shape``, ``call.vae_scale_factor``, "
     "``call.init_image``, ``call.init_latents``, ``call.encode_images``, ``call.decode_latents``); branch roles "
     "(``Branch.role``, ``BranchLayout.with_role``); every plugin's step window and region (``window_start``, "
-    "``window_end``, ``region``, ``Plugin.scope_aliases``)",
+    "``window_end``, ``region``, ``Plugin.scope_aliases``); gradient passes (``call.gradients()``)",
 }
 
 
@@ -240,7 +245,8 @@ def diffsteer_pre_step(call: "GenerationCall", step: "StepState") -> None:
 
     When: at the start of every step, before the UNet input is built.
     Receives: ``step``: index, timestep, ``latents``.
-    May change: ``step.latents`` (for example a gradient update toward an attention target).
+    May change: ``step.latents`` (for example a gradient update toward an attention target: run the
+    differentiable pass inside ``with call.gradients():``, see the module docs).
     Returns: nothing.
     """
 

@@ -201,6 +201,10 @@ class ControlNet(Plugin):
                 )
             if problems:
                 raise PluginError(NAME, f"{source} does not fit this UNet: " + "; ".join(problems))
+            if net is not self.controlnet:
+                # Our own copy is frozen: a gradient pass (call.gradients()) builds no graph into it. The
+                # caller's own model is left as it is; its residuals are constants of such a pass anyway.
+                net.requires_grad_(False)
             self._loaded[key] = net
         return self._loaded[key]
 
