@@ -8,7 +8,6 @@ inductor backend end to end.
 from __future__ import annotations
 
 import shutil
-import threading
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from diffsteer import AttentionPatch, Plugin, hookimpl
 from diffsteer.models import ForwardContext
 from diffsteer.pipeline import Pipeline
-from diffsteer.testing import residual_shapes
+from diffsteer.testing import residual_shapes, run_concurrently
 
 KW = dict(prompt="a red circle", num_inference_steps=3, seed=0, output_type="latent", height=32, width=32)
 
@@ -233,18 +232,7 @@ def test_a_compiled_pipeline_serves_concurrent_calls_with_different_patches(fres
     fresh.compile(backend=GraphCounter())
     for p in jobs:  # compile each variant before the threads race
         fresh(plugins=p, **KW)
-    results: dict[int, torch.Tensor] = {}
-    barrier = threading.Barrier(len(jobs))
-
-    def work(i: int) -> None:
-        barrier.wait()
-        results[i] = fresh(plugins=jobs[i], **KW).images
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_concurrently([lambda p=p: fresh(plugins=p, **KW).images for p in jobs])
     for i, want in enumerate(expected):
         assert (results[i] - want).abs().max().item() <= 1e-5, i
 

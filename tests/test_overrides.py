@@ -7,7 +7,6 @@ override must give that copy's images, and the shared models must stay bit-ident
 from __future__ import annotations
 
 import copy
-import threading
 from typing import Any, Callable
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 from diffsteer import Plugin, PluginConflictError, PluginError, hookimpl
 from diffsteer.models.context import ForwardContext, LowRank, WeightPatch, conv, linear, merge_is_cheaper
 from diffsteer.pipeline import Pipeline
+from diffsteer.testing import run_concurrently
 
 KW = dict(prompt="a red circle", num_inference_steps=3, seed=0, output_type="latent")
 CROSS_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -242,26 +242,13 @@ def test_concurrent_calls_with_different_overrides_match_serial_calls(pipe):
     jobs = [[Overrides(lora(0))], [Overrides(lora(20), label="other-lora")], [Overrides(edit(10))], []]
     serial = [pipe(plugins=p, **KW).images for p in jobs]
     assert all((serial[i] - serial[j]).abs().max().item() > 1e-3 for i in range(4) for j in range(i))
-    results: dict[int, torch.Tensor] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(jobs))
 
-    def work(i: int) -> None:
-        try:
-            barrier.wait()
-            for _ in range(2):
-                results[i] = pipe(plugins=jobs[i], **KW).images
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+    def job(plugins: list) -> Callable[[], list]:
+        return lambda: [pipe(plugins=plugins, **KW).images for _ in range(2)]
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_concurrently([job(p) for p in jobs])
     for i, want in enumerate(serial):
-        assert torch.equal(results[i], want), i
+        assert all(torch.equal(got, want) for got in results[i]), i
     assert_unchanged(pipe, before)
 
 

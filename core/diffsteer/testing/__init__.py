@@ -216,3 +216,34 @@ def residual_shapes(config: Any, height: int, width: int) -> tuple[list[tuple[in
             height, width = (height + 1) // 2, (width + 1) // 2
             shapes.append((c, height, width))
     return shapes, (channels[-1], height, width)
+
+
+def run_concurrently(jobs: "list[Any]") -> list:
+    """Run each zero-argument callable of ``jobs`` in its own thread, all released at once; return their
+    results in order. The first exception a job raised is raised again here, after every thread ended.
+
+    Example:
+        >>> run_concurrently([lambda: 1, lambda: 2])
+        [1, 2]
+    """
+    import threading
+
+    results: list = [None] * len(jobs)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(jobs))
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = jobs[i]()
+        except BaseException as exc:  # raised again below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
