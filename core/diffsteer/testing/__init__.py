@@ -6,8 +6,8 @@ the ``test`` extra installs: ``pip install "diffsteer[test]"``.
 
 Fixtures: ``tiny_sd1`` / ``tiny_sd2`` (folders of tiny random SD1-/SD2-like models written by diffusers'
 own ``save_pretrained``), ``tiny_pipe`` (a diffsteer Pipeline on ``tiny_sd1``) and ``shapes_pipe``
-(the shipped shapes model). Helpers: ``build_tiny_sd``, ``diffusers_pipeline``, ``max_abs_diff``, and
-the recording plugins ``branch_recorder`` and ``pass_recorder``.
+(the shipped shapes model). Helpers: ``build_tiny_sd``, ``diffusers_pipeline``, ``max_abs_diff``,
+``run_concurrently`` (for thread-safety tests), and the recording plugins ``branch_recorder`` and ``pass_recorder``.
 """
 
 from __future__ import annotations
