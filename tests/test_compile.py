@@ -15,7 +15,6 @@ import torch
 
 from diffsteer import AttentionPatch, Plugin, hookimpl
 from diffsteer.models import ForwardContext
-from diffsteer.pipeline import Pipeline
 from diffsteer.testing import residual_shapes, run_concurrently
 
 KW = dict(prompt="a red circle", num_inference_steps=3, seed=0, output_type="latent", height=32, width=32)
