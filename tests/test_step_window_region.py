@@ -195,6 +195,8 @@ def test_scope_settings_validate_record_and_replay():
         Push(window_end=1.5)
     with pytest.raises(SettingsError, match=r"push\.region: .*region file 'nope.png' does not exist"):
         Push(region="nope.png")
+    with pytest.raises(SettingsError, match=r"push\.window_start: sets window_start again \(given as window_start too\)"):
+        Push({"window_start": 0.1}, window_start=0.2)
     assert Push().settings_dict() == {}  # defaults are not recorded: old metadata stays as it was
     assert Push(window_start=0.25).settings_dict() == {"window_start": 0.25}
 

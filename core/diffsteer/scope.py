@@ -125,6 +125,8 @@ def split_scope(
         for key, value in source.items():
             field = aliases.get(key, key)
             if field in SCOPE_FIELDS:
+                if field in spelt:
+                    raise SettingsError(name, [(key, f"sets {field} again (given as {spelt[field]} too)")])
                 spelt[field] = key
                 scope[field] = value
             else:
