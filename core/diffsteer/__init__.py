@@ -25,13 +25,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .branches import BranchLayout, BranchPredictions
     from .call import GenerationCall, StepState, UNetInputs
     from .hookspecs import hookimpl
+    from .overrides import WeightOverrides
     from .pipeline import Pipeline, PipelineOutput
     from .plugins import Plugin
 
 __all__ = [
     "AttentionPatch", "BranchLayout", "BranchPredictions", "DiffsteerError", "GenerationCall",
     "GenerationError", "Pipeline", "PipelineOutput", "Plugin", "PluginConflictError", "PluginError",
-    "PluginNotFoundError", "SettingsError", "StepState", "UNetInputs", "hookimpl",
+    "PluginNotFoundError", "SettingsError", "StepState", "UNetInputs", "WeightOverrides", "hookimpl",
 ]
 
 # Everything that imports torch, transformers or pydantic is loaded on first use, so `import diffsteer`
@@ -41,6 +42,7 @@ _LAZY = {
     "BranchLayout": ".branches", "BranchPredictions": ".branches",
     "GenerationCall": ".call", "StepState": ".call", "UNetInputs": ".call",
     "hookimpl": ".hookspecs",
+    "WeightOverrides": ".overrides",
     "Pipeline": ".pipeline", "PipelineOutput": ".pipeline",
     "Plugin": ".plugins",
 }
