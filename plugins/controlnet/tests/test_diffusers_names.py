@@ -112,6 +112,16 @@ def test_guess_mode_is_diffusers_name(tiny_pipe, net_folder, make_control):
     assert not torch.equal(run(tiny_pipe, [cn]), run(tiny_pipe, [ControlNet(model=str(net_folder), image=image)]))
 
 
+def test_control_guidance_start_end_are_the_step_window(tiny_pipe, net_folder, make_control):
+    image = make_control(1, SIZE, 0)
+    aliased = ControlNet(model=str(net_folder), image=image, control_guidance_start=0.25, control_guidance_end=0.75)
+    assert (aliased.scope.window_start, aliased.scope.window_end) == (0.25, 0.75)
+    by_name = ControlNet(model=str(net_folder), image=image, window_start=0.25, window_end=0.75)
+    windowed = run(tiny_pipe, [aliased])
+    assert torch.equal(windowed, run(tiny_pipe, [by_name]))
+    assert not torch.equal(windowed, run(tiny_pipe, [ControlNet(model=str(net_folder), image=image)]))
+
+
 def test_package_example_constructs(tmp_path, monkeypatch, make_control):
     """The ``ControlNet(...)`` line of the package docstring runs as written (it once used ``scale=``)."""
     from PIL import Image
