@@ -226,7 +226,7 @@ def test_compiled_sega_sag_controlnet_stack_equals_eager(fresh):
 
 
 def test_a_compiled_pipeline_serves_concurrent_calls_with_different_patches(fresh):
-    jobs = [[], [ProbsEditor([])], [Residuals()], [ProbsEditor([]), Residuals()]]
+    jobs = [[], [ProbsEditor([])], [ProbsEditor([]), Residuals()]]
     expected = [fresh(plugins=p, **KW).images for p in jobs]
     fresh.compile(backend=GraphCounter())
     for p in jobs:  # compile each variant before the threads race
