@@ -14,7 +14,7 @@ import torch
 from diffsteer.loading.pipeline_loader import shipped_model_dir
 from diffsteer.pipeline import Pipeline
 from diffsteer.shapes import evaluate_caption
-from diffsteer.shapes.benchmark import EVAL_SEED_BASE, eval_prompts, score_model
+from diffsteer.shapes.benchmark import EVAL_SEED_BASE, eval_prompts, score_model, score_strict
 from diffsteer.shapes.vocab import BACKGROUNDS, COLOURS
 
 
@@ -57,6 +57,18 @@ def test_captions_are_followed(shapes_pipe):
     assert score.two_object >= 0.8
     assert score.background >= 0.97
     assert score.position >= 0.9  # the card: 100% on 96 prompts (50%, chance, before the position fine-tune)
+
+
+def test_strict_figures(shapes_pipe):
+    """The strict evaluator (issue 14) on a small sample of the tests' own seeds. The reported figures come from
+    `diffsteer eval shapes --strict` on fresh seeds. On these 60 images the v1 model is clean on 21 of 24 single
+    objects, 10 of 12 positioned ones, 2 of 12 colour-open ones and none of 12 pairs; the floors sit a few images
+    under that, to be raised with a better model."""
+    score = score_strict(shapes_pipe, n_single=24, n_double=12, n_open=12, n_position=12, seed_base=EVAL_SEED_BASE)
+    print("\n" + score.table())
+    assert score.clean("single") >= 0.75
+    assert score.clean("position") >= 0.65
+    assert score.background >= 0.95
 
 
 def test_bf16_stays_close_to_fp32(shapes_pipe):
