@@ -255,6 +255,7 @@ def test_prints_blocks_check_each_figure():
 
 def test_pages_that_print_figures_state_them():
     """Each page listed here prints figures in its examples and states them in a checked ``# prints`` block."""
-    for page in ["getting-started.md", "concepts.md", "cli.md", "sega.md"]:
+    for page in ["getting-started.md", "concepts.md", "cli.md", "sega.md", "controlnet.md", "prompt-weighting.md",
+                 "sag.md", "textual-inversion.md", "loading.md", "schedulers.md", "shapes-model.md"]:
         stated = [line for lang, line, code in blocks(page) if lang == "text" and first_line(code) == PRINTS]
         assert stated, f"docs/{page} states no '# prints' block"
