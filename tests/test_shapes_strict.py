@@ -202,6 +202,12 @@ def test_faint_frames_and_spots_are_blemishes():
     dotted[31:33, 45:47] = (0, 0, 255)
     dotted[31:33, 45] = (0, 255, 255)  # 2 px: under the spot size
     assert _failed(dotted, PAIR) == set()
+    # A whitish dot keeps the square's hue but is far from its colour: a spot. A darker shade is not.
+    dotted[31:33, 45:47] = (190, 220, 255)
+    assert _failed(dotted, PAIR) == {"solid"}
+    shaded = base.copy()
+    shaded[29:35, 43:49] = (0, 0, 150)
+    assert _failed(shaded, PAIR) == set()
 
 
 def test_missing_object_and_empty_image():

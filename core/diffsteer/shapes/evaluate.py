@@ -199,15 +199,21 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
+def full_colour(arr: np.ndarray, bg: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """RGB (0-255) of the object in ``region`` where it covers whole pixels: the mean of its pixels farthest from
+    the background (its interior, free of anti-aliasing)."""
+    dist = np.abs(arr[region] - bg).max(axis=-1)
+    return arr[region][dist >= 0.8 * dist.max()].mean(axis=0)
+
+
 def region_coverage(arr: np.ndarray, bg: np.ndarray, region: np.ndarray, others: np.ndarray) -> np.ndarray:
     """Sub-pixel coverage (HxW in [0, 1]) of the object in ``region`` of an HxWx3 [0, 255] image on background ``bg``.
 
-    It is the pixels' share along the object's full colour (that of its pixels farthest from the background, the
-    interior), on the region grown by 2 px to catch faint anti-aliased edges but never on ``others`` (other objects'
-    pixels), so anti-aliasing and blur do not bias area, centroid or shape.
+    It is the pixels' share along the object's :func:`full_colour`, on the region grown by 2 px to catch faint
+    anti-aliased edges but never on ``others`` (other objects' pixels), so anti-aliasing and blur do not bias area,
+    centroid or shape.
     """
-    dist = np.abs(arr[region] - bg).max(axis=-1)
-    full = arr[region][dist >= 0.8 * dist.max()].mean(axis=0) - bg
+    full = full_colour(arr, bg, region) - bg
     support = _dilate(region, 2) & ~(others & ~region)
     return np.clip(((arr - bg) @ full) / max(float(full @ full), 1e-6), 0.0, 1.0) * support
 

@@ -21,8 +21,8 @@ is *flawless*:
 - ``plain``: the background is pure white or black, without a faint frame, panel or tint: fewer than
   :data:`MAX_FAINT_PIXELS` pixels (at 64x64) more than :data:`FAINT_LEVEL` off it, 2 px or more away from any
   foreground;
-- ``solid``: no object holds a spot of another colour (or of grey) of :data:`MIN_SPOT_PIXELS` or more inside its
-  edge, like a cyan dot in a blue square.
+- ``solid``: no object holds a spot of :data:`MIN_SPOT_PIXELS` or more inside its edge of another colour, or more
+  than :data:`SPOT_LEVEL` off its own (a whitish-cyan dot in a blue square; not a darker shade of it).
 
 VAE round trips of the renderer's scenes pass all of them (tests/test_shapes_strict.py shows the margins).
 :func:`evaluate_strict` returns these as booleans (None where the caption is silent) plus ``clean`` and
@@ -51,6 +51,7 @@ from .evaluate import (
     background_colour,
     connected_components,
     coverage_centroid,
+    full_colour,
     in_named_half,
     region_coverage,
     to_array,
@@ -69,6 +70,7 @@ STRICT_SHAPES: tuple[str, ...] = (*FIT_SHAPES, "diamond")
 FAINT_LEVEL = 24  # of 255: a background pixel this far off the background colour is a visible mark
 MAX_FAINT_PIXELS = 20  # at 64x64: VAE round trips of clean renders leave at most ~5 such pixels
 MIN_SPOT_PIXELS = 4  # at 64x64: a connected clump this large inside an object, off its colour, is a spot
+SPOT_LEVEL = 128  # of 255: a pixel this far from its object's colour in some channel is off it (VAE: < 2 such px)
 #: The issue's criteria: all must hold for an image to be clean.
 STRICT_CRITERIA: tuple[str, ...] = ("count", "stray", "colour", "shape", "position", "size", "background")
 #: Blemishes: a clean image passing these too is flawless.
@@ -240,9 +242,11 @@ def find_blobs(img: ImageLike) -> tuple[list[Blob], int]:
         region = labels == i
         hues = cls[region]
         fractions = {name: float((hues == k).mean()) for k, name in enumerate(COLOURS)}
-        # Inside the edge (anti-aliased edge pixels take mixed hues), clumps not of the majority colour are spots.
+        # Inside the edge (anti-aliased edge pixels take mixed hues), a pixel of another hue, or more than half-way
+        # from the object's own colour (a whitish dot in blue keeps a blue hue), belongs to a spot; shading does not.
         majority = int(np.argmax([fractions[c] for c in COLOURS]))
-        off = ~_dilate(~region, 1) & (cls != majority)
+        unlike = (cls != majority) | (np.abs(arr - full_colour(arr, bg, region)).max(axis=-1) > SPOT_LEVEL)
+        off = ~_dilate(~region, 1) & unlike
         off_labels, n_off = connected_components(off)
         spot = int(np.bincount(off_labels[off_labels >= 0]).max()) if n_off else 0
         alpha = region_coverage(arr, bg, region, mask)  # stray pixels are not the blob's either
