@@ -54,6 +54,7 @@ def test_renderer_scenes_are_clean():
     # The right form fits with room to spare and beats every other one clearly.
     fits = [sorted(b.fits.values(), key=lambda f: -f.iou) for v in verdicts for b in v.blobs]
     assert min(f[0].iou for f in fits) > 0.95 and max(f[1].iou for f in fits) < 0.9
+    assert min(b.margin for v in verdicts for b in v.blobs) > 0.1
 
 
 def test_ideal_shape_at_angle_zero_is_what_the_renderer_draws():

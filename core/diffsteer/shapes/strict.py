@@ -134,6 +134,12 @@ class Blob:
         return self.best_fit.iou
 
     @property
+    def margin(self) -> float:
+        """How much better the best form fits than the next: near 0 the blob is between two forms (a squircle)."""
+        first, second = sorted((f.iou for f in self.fits.values()), reverse=True)[:2]
+        return first - second
+
+    @property
     def size(self) -> float:
         """Half-side of the best-fitting form's bounding box, pixels (as ``DetectedObject.size``)."""
         return math.sqrt(self.area / _unit_geometry(self.best_fit.shape)[0])
