@@ -169,8 +169,8 @@ def diffsteer_encode_prompt(call: "GenerationCall", texts: list[str]) -> Optiona
     May change: nothing on ``call``.
     Returns: a tensor ``(len(texts), tokens, hidden)`` in ``call.dtype``, or ``None`` to use the core
     encoder (``call.text.encode``). All embeddings stacked into one UNet batch must have the same
-    token count (a plugin that chunks long prompts pads every text of the call alike); the core
-    raises a :class:`~diffsteer.errors.PluginError` naming the plugin otherwise.
+    token count (a plugin that chunks long prompts pads every text of the call alike); otherwise the
+    core raises a :class:`~diffsteer.errors.GenerationError` giving both shapes.
     """
 
 
