@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Se
 import pluggy
 import torch
 
+from .attention_patches import AttentionPatch, PatchedAttention, compile_patches
 from .branches import Branch, BranchLayout, BranchPredictions
 from .errors import PluginError
 from .hook_chain import chain
@@ -24,6 +25,7 @@ from .text import EncoderScope, PromptEncoder, TokenTable, token_table_for
 if TYPE_CHECKING:  # pragma: no cover
     from .models.unet import UNet2DConditionModel
     from .models.vae import AutoencoderKL
+    from .subloop import PredictionEdit, Trajectory
 
 
 @dataclass
@@ -56,7 +58,12 @@ class GenerationRequest:
 
 @dataclass
 class StepState:
-    """One denoising step, as hooks see it; ``latents`` is the only field hooks normally replace."""
+    """One denoising step, as hooks see it; ``latents`` is the only field hooks normally replace.
+
+    ``index``/``num_steps`` count the steps of the loop the step belongs to (``loop``): the main loop, a
+    sub-loop (:meth:`GenerationCall.run_subloop`: its own steps), or ``"predict"``, the one-step state a
+    lone :meth:`GenerationCall.predict` outside any loop gets (``index`` 0 of 1, its timestep and latents).
+    """
 
     index: int
     timestep: torch.Tensor
@@ -64,6 +71,18 @@ class StepState:
     num_steps: int
     prediction: Optional[torch.Tensor] = None
     pred_original: Optional[torch.Tensor] = None
+    #: ``"main"``, a sub-loop's name, or ``"predict"`` (a lone pass outside any loop).
+    loop: str = "main"
+    #: the step's place in denoising order when it differs from ``index`` (an ascending sub-loop: inversion).
+    denoise_index: Optional[int] = None
+
+    @property
+    def window_index(self) -> Optional[int]:
+        """The step index that step windows read: the place in denoising order, so a window covers the same
+        noise levels in an inversion as in the main loop; ``None`` for a lone pass, which no window leaves out."""
+        if self.loop == "predict":
+            return None
+        return self.index if self.denoise_index is None else self.denoise_index
 
 
 @dataclass
@@ -235,6 +254,11 @@ class GenerationCall:
         #: the per-step hooks with each plugin's step window and region applied (:mod:`diffsteer.scope`).
         self.scoped = ScopedHooks(self)
         self.timesteps: torch.Tensor = torch.empty(0)
+        #: every plugin's attention patches, collected before prepare_latents (so sub-loops see them).
+        self._patches: list[tuple[Plugin, AttentionPatch]] = []
+        self._processors: dict[tuple[int, ...], dict[str, PatchedAttention]] = {}
+        #: the scheduler of a running sub-loop (its own instance), else None.
+        self._loop_scheduler: Optional[Scheduler] = None
 
     # -- conveniences ------------------------------------------------------------------------------
     @property
@@ -265,6 +289,11 @@ class GenerationCall:
         """``(batch, channels, h, w)`` of the call's latents (one row per image)."""
         f = self.vae_scale_factor
         return (self.batch_size, int(self.unet.config.out_channels), self.request.height // f, self.request.width // f)
+
+    @property
+    def step_scheduler(self) -> Scheduler:
+        """The scheduler of the loop running now: a sub-loop's own instance while it runs, else ``scheduler``."""
+        return self._loop_scheduler or self.scheduler
 
     @property
     def num_steps(self) -> int:
@@ -423,6 +452,74 @@ class GenerationCall:
         finally:
             self._gradient_depth -= 1
 
+    # -- attention patches and sub-loops ---------------------------------------------------------------
+    def _collect_patches(self) -> None:
+        """Fire ``diffsteer_attention_patches`` and install every patch; the core calls it once, before
+        ``prepare_latents``, so a sub-loop started there already runs with the patches."""
+        self._patches = self.scoped.collect_patches()
+        self._use_patches(None)
+
+    def _use_patches(self, step: Optional[StepState]) -> None:
+        """Hand later UNet passes the processors of the patches active at ``step`` (``None``: all of them)."""
+        patches = [p for _, p in self._patches] if step is None else self.scoped.active_patches(self._patches, step)
+        key = tuple(id(p) for p in patches)
+        if key not in self._processors:
+            self._processors[key] = compile_patches(patches, self.unet.attention_layers()) if patches else {}
+        self.unet_context = dataclasses.replace(self.unet_context or ForwardContext(), processors=self._processors[key])
+
+    def run_subloop(
+        self,
+        owner: str,
+        latents: torch.Tensor,
+        scheduler: "Scheduler | str",
+        num_steps: int,
+        *,
+        strength: float = 1.0,
+        layout: Optional[BranchLayout] = None,
+        guidance_scale: float = 1.0,
+        adjust: Optional["PredictionEdit"] = None,
+        keep_predictions: bool = False,
+        name: Optional[str] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> "Trajectory":
+        """Run a loop of steps with its own scheduler from ``latents`` and return its :class:`~diffsteer.subloop.Trajectory`.
+
+        ``scheduler`` is a name (``"ddim_inverse"``, ``"ddim"``, ...), built from the model's scheduler config,
+        or a :class:`~diffsteer.schedulers.Scheduler`, of which a fresh copy runs: the sub-loop's scheduler
+        state is its own, and ``call.scheduler``, ``call.step`` and ``call.timesteps`` are left as they were.
+        It runs ``int(num_steps * strength)`` steps: the least noisy ones of a ``num_steps`` schedule (an
+        inversion then ends at the timestep where a main loop narrowed by :meth:`narrow_steps` with the same
+        strength starts). Each step is one :meth:`predict` over ``layout`` (default: the call's conditional
+        branch, with its unconditional one when ``guidance_scale > 1``), classifier-free guidance with
+        ``guidance_scale``, then ``adjust(step, guided)`` if given (pix2pix-zero's regulariser; it returns
+        the new prediction or ``None``), then the scheduler step, drawing from ``generator`` (default: the
+        call's). ``keep_predictions`` also keeps each step's guided prediction and x0 estimate.
+
+        Inside, the call's tokens, weight overrides, ``model_inputs`` conditioning and attention patches
+        act as in the main loop; hooks see ``call.step`` as the sub-loop's own :class:`StepState` (``loop`` is
+        ``name``, default ``owner``; ``index``/``num_steps`` count the sub-loop's steps) and
+        ``call.pass_name`` as that name, and ``call.step_scheduler`` is the sub-loop's scheduler. Step windows
+        read the place in denoising order, so in an inversion (ascending timesteps) a window covers the same
+        noise levels as in the main loop. Call it from ``setup`` (with ``layout=``) or later; DiffEdit inverts
+        its image from ``prepare_latents``. Bad arguments raise :class:`~diffsteer.errors.PluginError` naming
+        ``owner``.
+        """
+        from .subloop import run_subloop
+
+        return run_subloop(
+            self, owner, latents, scheduler, num_steps, strength=strength, layout=layout,
+            guidance_scale=guidance_scale, adjust=adjust, keep_predictions=keep_predictions, name=name,
+            generator=generator,
+        )
+
+    def invert(self, owner: str, latents: torch.Tensor, num_steps: int, **options: Any) -> "Trajectory":
+        """DDIM inversion of clean ``latents`` toward noise: :meth:`run_subloop` with ``"ddim_inverse"``.
+
+        ``trajectory.final`` is the noise from which a deterministic DDIM main loop of ``num_steps`` steps
+        (narrowed by the same ``strength``) regenerates ``latents``; ``options`` are :meth:`run_subloop`'s.
+        """
+        return self.run_subloop(owner, latents, "ddim_inverse", num_steps, **options)
+
     def _channel_error(self, expected: int, built: int) -> PluginError:
         latent = int(self.unet.config.out_channels)
         return PluginError(
@@ -445,12 +542,18 @@ class GenerationCall:
         """Run one batched UNet pass over ``layout`` (default: the call's) for per-image ``latents``.
 
         Fires :func:`~diffsteer.hookspecs.diffsteer_model_inputs` first, so every conditioning plugin
-        follows extra passes too. Returns float32 predictions split by branch.
+        follows extra passes too. Its ``step`` is ``call.step`` (the main loop's or a sub-loop's step); outside
+        any loop it is a one-step :class:`StepState` with ``loop="predict"``, ``index`` 0 of 1, this
+        ``timestep`` and ``latents``. The input is scaled by :attr:`step_scheduler`. Returns float32
+        predictions split by branch.
         """
         layout = layout or self.layout
         assert layout is not None, "predict() is available once prompts are encoded"
+        step = self.step if self.step is not None else StepState(
+            index=0, timestep=timestep, latents=latents, num_steps=1, loop="predict"
+        )
         sample = layout.repeat(latents) if len(layout) > 1 else latents
-        sample = self.scheduler.scale_model_input(sample, timestep)
+        sample = self.step_scheduler.scale_model_input(sample, timestep)
         inputs = UNetInputs(
             sample=sample.to(self.dtype),
             timestep=timestep,
@@ -463,7 +566,7 @@ class GenerationCall:
         try:
             # Conditioning is a constant of a gradient pass (see gradients()).
             with torch.no_grad() if self._gradient_depth else contextlib.nullcontext():
-                self.scoped.model_inputs(self.step, inputs)
+                self.scoped.model_inputs(step, inputs)
             # Plugins may compute residuals in float32; the UNet adds them in its own dtype.
             out = inputs.run(
                 self.unet, channel_error=self._channel_error, residual_dtype=self.dtype, context=self.unet_context

@@ -36,13 +36,21 @@ Order and exclusivity:
   (:meth:`~diffsteer.call.GenerationCall.gradients`): ``call.predict`` is then differentiable, attention
   observers see probabilities that carry the graph, the model weights stay frozen and conditioning from
   ``model_inputs`` is a constant of the pass (no graph through a ControlNet).
+* A plugin may run a **sub-loop** (DDIM inversion for DiffEdit and pix2pix-zero, or any scheduler) with
+  ``call.invert(...)`` / ``call.run_subloop(...)`` (:meth:`~diffsteer.call.GenerationCall.run_subloop`)
+  from ``prepare_latents`` (or ``setup`` with its own layout). It runs on a fresh scheduler instance of
+  its own and returns the :class:`~diffsteer.subloop.Trajectory`; the call's tokens, weight overrides,
+  ``model_inputs`` conditioning and attention patches act in it (patches are registered before
+  ``prepare_latents`` for this), and the main loop's per-step hooks do not fire. Hooks then see the
+  sub-loop's own step (``step.loop`` is its name, ``index``/``num_steps`` count its steps); a
+  ``call.predict`` outside any loop passes a one-step ``StepState`` with ``loop="predict"``, never ``None``.
 * Per-call state belongs in ``call.state_for(self)``, never on the plugin object: one plugin instance
   may serve concurrent calls.
 
 A generation call fires, in order::
 
     setup → weight_overrides → encode_prompt* → guidance_branches → edit_embeddings (per branch)
-          → prepare_latents → attention_patches
+          → attention_patches → prepare_latents
     for each step:  pre_step → model_inputs → noise_prediction → combine_guidance → guidance → post_step
     decode → teardown (always, even after an error)
 
@@ -94,7 +102,9 @@ CONTRACT_HISTORY = {
     "its run (timesteps before ``setup``, ``call.narrow_steps``, ``call.latent_shape``, ``call.vae_scale_factor``, "
     "``call.init_image``, ``call.init_latents``, ``call.encode_images``, ``call.decode_latents``); branch roles "
     "(``Branch.role``, ``BranchLayout.with_role``); every plugin's step window and region (``window_start``, "
-    "``window_end``, ``region``, ``Plugin.scope_aliases``); gradient passes (``call.gradients()``)",
+    "``window_end``, ``region``, ``Plugin.scope_aliases``); gradient passes (``call.gradients()``); sub-loops and "
+    "inversion (``call.run_subloop``, ``call.invert``, ``call.step_scheduler``, ``StepState.loop``), with "
+    "``attention_patches`` fired before ``prepare_latents``",
 }
 
 
@@ -219,6 +229,8 @@ def diffsteer_prepare_latents(call: "GenerationCall", latents: torch.Tensor) -> 
 
     When: once per call, after the core has drawn the starting latents (txt2img noise scaled by the
     scheduler's ``init_noise_sigma``, or the noised image latents for img2img) and before the first step.
+    Attention patches are already in place, so a plugin may invert ``call.init_latents`` here with
+    ``call.invert`` and start from ``trajectory.final`` (DiffEdit, pix2pix-zero).
     Receives: ``latents`` ``(batch, channels, h, w)``, the result of the previous plugin in the chain.
     May change: nothing else.
     Returns: new latents (the next plugin receives them) or ``None`` to keep them.
@@ -230,8 +242,10 @@ def diffsteer_prepare_latents(call: "GenerationCall", latents: torch.Tensor) -> 
 def diffsteer_attention_patches(call: "GenerationCall", register: Callable[["AttentionPatch"], None]) -> None:
     """Register attention patches for this call.
 
-    When: once per call, before the first step. The core compiles all patches into one processor per
-    patched layer; attention itself never calls back into pluggy.
+    When: once per call, after the branches are built and before ``prepare_latents`` (so sub-loops run
+    with the patches). The core compiles all patches into one processor per patched layer; attention
+    itself never calls back into pluggy. ``call.pass_name`` tells an observer which pass it sees
+    (``"main"``, a sub-loop's name, or a plugin's extra pass).
     Receives: ``register``, to be called with :class:`~diffsteer.attention_patches.AttentionPatch` objects.
     May change: nothing else.
     Returns: nothing.
@@ -256,8 +270,9 @@ def diffsteer_pre_step(call: "GenerationCall", step: "StepState") -> None:
 def diffsteer_model_inputs(call: "GenerationCall", step: "StepState", inputs: "UNetInputs") -> None:
     """Add conditioning to a UNet pass.
 
-    When: before every UNet pass of the call: the main batched pass and any extra pass a plugin runs
-    through ``call.predict`` (``inputs.pass_name`` tells which).
+    When: before every UNet pass of the call: the main batched pass, any extra pass a plugin runs
+    through ``call.predict`` and every pass of a sub-loop (``inputs.pass_name`` tells which; ``step`` is
+    the sub-loop's own step there, and a one-step ``loop="predict"`` state for a pass outside any loop).
     Receives: ``inputs``: the batched ``sample``, ``timestep``, ``encoder_hidden_states`` and the
     ``layout`` of branches they stack.
     May change: ``inputs`` through ``add_residuals`` (ControlNet-style down/mid residuals, summed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -10,14 +9,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .attention_patches import compile_patches
 from .branches import CONDITIONAL, UNCONDITIONAL, BranchLayout
 from .call import GenerationCall, GenerationRequest, StepState
 from .errors import GenerationError, RequestError
 from .hook_chain import chain
 from .images import ImageInput, postprocess, to_model_tensor
 from .latent_codec import decode_latents, encode_images, vae_scale_factor
-from .models.context import ForwardContext
 from .overrides import collect_weight_overrides
 from .models.random import randn_tensor
 from .models.unet import UNet2DConditionModel
@@ -334,29 +331,21 @@ class Pipeline:
         call.layout = layout
         call.hook.diffsteer_guidance_branches(call=call, branches=layout)
         call._edit_branch_embeddings()
+        # Patches are ready before prepare_latents, where a plugin may run a sub-loop (DiffEdit's inversion).
+        call._collect_patches()
 
         latents = self._initial_latents(call, latents, timesteps)
         latents = chain(call.hook.diffsteer_prepare_latents, "latents", latents, blend_in=call.scoped.blend_latents,
                         call=call)
 
         scoped = call.scoped
-        found = scoped.collect_patches()
-        compiled: dict[tuple[int, ...], dict] = {}
-
-        def processors_for(step: Optional[StepState]) -> dict:
-            # Plugins outside their step window leave their patches out of that step's processors.
-            patches = [p for _, p in found] if step is None else scoped.active_patches(found, step)
-            key = tuple(id(p) for p in patches)
-            if key not in compiled:
-                compiled[key] = compile_patches(patches, self.unet.attention_layers()) if patches else {}
-            return compiled[key]
-
-        call.unet_context = dataclasses.replace(call.unet_context or ForwardContext(), processors=processors_for(None))
+        call._use_patches(None)
         for index, t in enumerate(timesteps):
             step = StepState(index=index, timestep=t, latents=latents, num_steps=len(timesteps))
             call.step = step
             if scoped.windowed:
-                call.unet_context = dataclasses.replace(call.unet_context, processors=processors_for(step))
+                # Plugins outside their step window leave their patches out of that step's processors.
+                call._use_patches(step)
             scoped.latents_hook("diffsteer_pre_step", step)
             preds = call.predict(step.latents, t, pass_name="main")
             scoped.noise_prediction(step, preds)

@@ -79,7 +79,9 @@ class ScopedHooks:
 
     # -- which plugins act at a step ------------------------------------------------------------------------
     def active(self, plugin: Plugin, step: Optional["StepState"]) -> bool:
-        return step is None or scope_of(plugin).active(step.index, step.num_steps)
+        if step is None or step.window_index is None:
+            return True
+        return scope_of(plugin).active(step.window_index, step.num_steps)
 
     def relay(self, step: Optional["StepState"]) -> Any:
         """Hook callers without the plugins outside their window at ``step``."""
