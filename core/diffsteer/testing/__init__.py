@@ -7,13 +7,27 @@ the ``test`` extra installs: ``pip install "diffsteer[test]"``.
 Fixtures: ``tiny_sd1`` / ``tiny_sd2`` (folders of tiny random SD1-/SD2-like models written by diffusers'
 own ``save_pretrained``), ``tiny_pipe`` (a diffsteer Pipeline on ``tiny_sd1``) and ``shapes_pipe``
 (the shipped shapes model). Helpers: ``build_tiny_sd``, ``diffusers_pipeline``, ``max_abs_diff``,
-``run_concurrently`` (for thread-safety tests), and the recording plugins ``branch_recorder`` and ``pass_recorder``.
+``run_concurrently`` (for thread-safety tests). Test doubles (:mod:`diffsteer.testing.doubles`, imported on
+first use): ``PlainCfg`` (the core's guidance formula as an exclusive plugin), the recording plugins
+``branch_recorder`` and ``pass_recorder``, and ``run`` (a short call with fixed defaults).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+_DOUBLES = ("PlainCfg", "branch_recorder", "pass_recorder", "run")
+
+
+def __getattr__(name: str) -> Any:
+    # The doubles import torch and the core; pytest loads this package at start-up, which must stay cheap.
+    if name in _DOUBLES:
+        from . import doubles
+
+        return getattr(doubles, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 SD1_SCHEDULER = {
     "_class_name": "DDIMScheduler",
@@ -106,8 +120,6 @@ def build_tiny_sd(root: Path, kind: str = "sd1", seed: int = 0) -> Path:
     return out
 
 
-
-
 def diffusers_pipeline(folder: Path, pipeline_class: str = "StableDiffusionPipeline", scheduler: str | None = None,
                        **scheduler_overrides: Any) -> Any:
     """The diffusers reference pipeline on ``folder`` (no safety checker, progress bar off).
@@ -135,61 +147,6 @@ def max_abs_diff(a: Any, b: Any) -> float:
         return np.asarray(x, dtype=np.float64)
 
     return float(np.abs(arr(a) - arr(b)).max())
-
-
-def branch_recorder(seen: dict) -> Any:
-    """A plugin that records, into ``seen``, every branch's embeddings (by branch name, after every plugin
-    listed before it added its branches) and the call's token ids of the prompts (``seen["ids"]``, one
-    list per prompt). List it last to see what the UNet will get.
-
-    Example:
-        >>> seen = {}
-        >>> pipe("a red circle", num_inference_steps=1, plugins=[..., branch_recorder(seen)])  # doctest: +SKIP
-        >>> seen["cond"].shape                                                              # doctest: +SKIP
-        torch.Size([1, 77, 32])
-    """
-    from diffsteer import Plugin, hookimpl
-
-    class BranchRecorder(Plugin):
-        name = "branch-recorder"
-
-        @hookimpl
-        def diffsteer_guidance_branches(self, call: Any, branches: Any) -> None:
-            seen.update({n: branches[n].embeddings.clone() for n in branches.names})
-            seen["ids"] = [row.tolist() for row in call.text.token_ids(call.request.prompts)]
-
-    return BranchRecorder()
-
-
-def pass_recorder(passes: list) -> Any:
-    """A plugin that appends, to ``passes``, one dict per UNet pass of a call (the main pass and every
-    extra pass a plugin runs): ``step``, ``pass_name``, ``layout`` (its branches), copies of ``sample``,
-    ``timestep`` and ``hidden`` (the encoder hidden states), and of the ``down`` / ``mid`` residuals that
-    the plugins listed before it added (``None`` when there are none). List it last.
-
-    Example:
-        >>> passes = []
-        >>> pipe("a circle", num_inference_steps=2, plugins=[..., pass_recorder(passes)])  # doctest: +SKIP
-        >>> [(p["pass_name"], p["layout"].names) for p in passes][:2]                   # doctest: +SKIP
-        [('main', ['uncond', 'cond']), ('sag', ['uncond'])]
-    """
-    from diffsteer import Plugin, hookimpl
-
-    def copy(t: Any) -> Any:
-        return None if t is None else [x.clone() for x in t] if isinstance(t, list) else t.clone()
-
-    class PassRecorder(Plugin):
-        name = "pass-recorder"
-
-        @hookimpl
-        def diffsteer_model_inputs(self, call: Any, step: Any, inputs: Any) -> None:
-            passes.append(dict(
-                step=step.index, pass_name=inputs.pass_name, layout=inputs.layout, sample=inputs.sample.clone(),
-                timestep=inputs.timestep, hidden=inputs.encoder_hidden_states.clone(),
-                down=copy(inputs.down_residuals), mid=copy(inputs.mid_residual),
-            ))
-
-    return PassRecorder()
 
 
 def residual_shapes(config: Any, height: int, width: int) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:

@@ -38,3 +38,8 @@ def shapes_pipe() -> Any:
     from diffsteer.pipeline import Pipeline
 
     return Pipeline.from_pretrained("shapes", scheduler="ddim")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Plugin suites mark their long semantic tests; registered here so a suite run from its own folder knows it.
+    config.addinivalue_line("markers", "slow: long-running semantic or training tests")

@@ -13,7 +13,7 @@ import diffsteer_sag
 from diffsteer import Plugin, PluginError, SettingsError, hookimpl
 from diffsteer.cli import read_parameters
 from diffsteer.pipeline import Pipeline
-from diffsteer.testing import max_abs_diff
+from diffsteer.testing import PlainCfg, max_abs_diff, run
 from diffsteer_sag import Sag, map_size
 
 TOL = 1e-4
@@ -23,12 +23,6 @@ TOL = 1e-4
 def pipe(tiny_pipe):
     """The fixture kit's tiny SD1 pipeline (DDIM), loaded once per session."""
     return tiny_pipe
-
-
-def run(pipe, plugins=(), **kw):
-    args = dict(prompt="a circle", num_inference_steps=4, seed=0, output_type="latent")
-    args.update(kw)
-    return pipe(plugins=list(plugins), **args)
 
 
 class Passes(Plugin):
@@ -146,17 +140,6 @@ def test_two_instances_add_up(pipe):
     d = max_abs_diff(two.images, one.images)
     print(f"Sag(0.3) + Sag(0.5) vs Sag(0.8): max|Δ| = {d:.2e}")
     assert d <= TOL
-
-
-class PlainCfg(Plugin):
-    """Replaces the guidance formula with the same formula (an exclusive hook SAG must not collide with)."""
-
-    name = "plain-cfg"
-
-    @hookimpl
-    def diffsteer_combine_guidance(self, call, step, predictions):
-        u, c = predictions["uncond"], predictions["cond"]
-        return u + call.request.guidance_scale * (c - u)
 
 
 def test_term_is_added_on_top_of_a_replaced_guidance_formula(pipe):

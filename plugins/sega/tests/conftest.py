@@ -73,18 +73,7 @@ class Push(Plugin):
         return self.settings.scale * (predictions["push"] - predictions["uncond"])
 
 
-class PlainCfg(Plugin):
-    """Replaces the guidance formula with the same formula (an exclusive hook SEGA must not collide with)."""
-
-    name = "plain-cfg"
-
-    @hookimpl
-    def diffsteer_combine_guidance(self, call, step, predictions):
-        u, c = predictions["uncond"], predictions["cond"]
-        return u + call.request.guidance_scale * (c - u)
-
-
 @pytest.fixture(scope="session")
 def partners() -> SimpleNamespace:
     """Plugins from other techniques' families, to stack with SEGA (tests import nothing from each other)."""
-    return SimpleNamespace(Hint=Hint, Push=Push, PlainCfg=PlainCfg)
+    return SimpleNamespace(Hint=Hint, Push=Push)

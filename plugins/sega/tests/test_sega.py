@@ -12,7 +12,7 @@ import torch
 from diffsteer import PluginError, SettingsError
 from diffsteer.cli import read_parameters
 from diffsteer.pipeline import Pipeline
-from diffsteer.testing import max_abs_diff
+from diffsteer.testing import PlainCfg, max_abs_diff, run
 from diffsteer_sega import Sega
 
 TOL = 1e-4
@@ -24,12 +24,6 @@ BLUE = dict(prompt="blue", reverse=True, guidance_scale=4, warmup_steps=1, thres
 def pipe(tiny_pipe):
     """The fixture kit's tiny SD1 pipeline (DDIM), loaded once per session."""
     return tiny_pipe
-
-
-def run(pipe, plugins=(), **kw):
-    args = dict(prompt="a circle", num_inference_steps=4, seed=0, output_type="latent")
-    args.update(kw)
-    return pipe(plugins=list(plugins), **args)
 
 
 # -- plumbing ------------------------------------------------------------------------------------------------
@@ -99,7 +93,7 @@ def test_stacks_with_a_residual_plugin_and_another_branch_plugin(pipe, partners)
 
 def test_stacks_with_a_plugin_that_replaces_the_guidance_formula(pipe, partners):
     sega = Sega(concepts=[RED])
-    assert max_abs_diff(run(pipe, [partners.PlainCfg(), sega]).images, run(pipe, [sega]).images) <= 1e-6
+    assert max_abs_diff(run(pipe, [PlainCfg(), sega]).images, run(pipe, [sega]).images) <= 1e-6
 
 
 def test_two_instances_are_independent_and_add_up(pipe, partners):
