@@ -79,14 +79,16 @@ def diffusers_inversion(folder, prompt: str, image: torch.Tensor, strength: floa
     return out
 
 
-@pytest.mark.parametrize("strength, guidance_scale", [(1.0, 1.0), (0.8, 3.0)])
-def test_inversion_matches_diffusers_ddim_inverse_loop(tiny_sd1, tiny_pipe, strength, guidance_scale):
-    image = init_latents(tiny_pipe)
-    trajectory, _ = invert(tiny_pipe, image, strength=strength, guidance_scale=guidance_scale)
-    ref = diffusers_inversion(tiny_sd1, "a red circle", image, strength, guidance_scale)
+@pytest.mark.parametrize("kind, strength, guidance_scale", [("sd1", 1.0, 1.0), ("sd1", 0.8, 3.0), ("sd2", 0.8, 1.0)])
+def test_inversion_matches_diffusers_ddim_inverse_loop(request, kind, strength, guidance_scale):
+    folder = request.getfixturevalue(f"tiny_{kind}")  # sd2: v-prediction, trailing spacing, zero terminal SNR
+    pipe = Pipeline.from_pretrained(folder, scheduler="ddim")
+    image = init_latents(pipe)
+    trajectory, _ = invert(pipe, image, strength=strength, guidance_scale=guidance_scale)
+    ref = diffusers_inversion(folder, "a red circle", image, strength, guidance_scale)
     assert len(trajectory.latents) == len(ref) == int(STEPS * strength) + 1
     d = max(max_abs_diff(a, b) for a, b in zip(trajectory.latents, ref))
-    print(f"inversion strength={strength} guidance={guidance_scale}: max|Δ| over the trajectory = {d:.2e}")
+    print(f"{kind} inversion strength={strength} guidance={guidance_scale}: max|Δ| over the trajectory = {d:.2e}")
     assert d <= 1e-4
     assert len(trajectory.predictions) == len(trajectory.pred_original) == len(ref) - 1
 
