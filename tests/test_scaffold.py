@@ -41,10 +41,12 @@ def test_scaffolded_plugin_installs_and_runs(tmp_path, tiny_sd1):
 
 
 def test_bad_names_and_existing_folders_are_refused(tmp_path):
+    from diffsteer import PluginError
     from diffsteer.scaffold import new_plugin
 
-    with pytest.raises(ValueError, match="lower-case words"):
+    with pytest.raises(PluginError, match="'Bad Name'.*lower-case words"):
         new_plugin("Bad Name", tmp_path)
     new_plugin("ok", tmp_path)
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(PluginError, match="'ok'.*already exists"):
         new_plugin("ok", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]  # nothing half-written beside it

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import PluginError
 from .hookspecs import CONTRACT_VERSION
 
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
@@ -30,8 +31,11 @@ build-backend = "setuptools.build_meta"
 name = "diffsteer-{name}"
 version = "0.1.0"
 description = "diffsteer plugin: {name}"
+readme = "README.md"
 requires-python = ">=3.10"
-dependencies = ["diffsteer"]
+license = {{ text = "Apache-2.0" }}
+# The core brings torch and pydantic; the plugin declares the hook contract it needs in its `contract`.
+dependencies = ["diffsteer>=0.1"]
 
 [project.optional-dependencies]
 test = ["diffsteer[test]"]
@@ -42,14 +46,32 @@ test = ["diffsteer[test]"]
 
 [tool.setuptools.packages.find]
 where = ["src"]
+
+[tool.setuptools.package-data]
+{pkg} = ["py.typed"]
 ''',
+        "README.md": f'''# diffsteer-{name}
+
+What the technique does, and the paper it comes from. Settings and an example: [docs/{name}.md](docs/{name}.md).
+
+```bash
+pip install -e ".[test]" && python -m pytest -q tests
+```
+''',
+        f"src/{pkg}/py.typed": "",
         f"src/{pkg}/__init__.py": f'''"""diffsteer plugin `{name}`."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffsteer import Plugin, hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from diffsteer import BranchPredictions, GenerationCall, StepState
 
 
 class {cls}(Plugin):
@@ -65,8 +87,11 @@ class {cls}(Plugin):
 
         strength: float = Field(1.0, gt=0, description="factor on the guidance direction")
 
+    # Hook arguments are annotated exactly as the specs in diffsteer.hookspecs (docs/hooks.md).
     @hookimpl
-    def diffsteer_guidance(self, call, step, predictions):
+    def diffsteer_guidance(
+        self, call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
+    ) -> Optional[torch.Tensor]:
         # Additive terms from all plugins are summed onto uncond + scale * (cond - uncond).
         if "uncond" not in predictions:
             return None
@@ -114,12 +139,14 @@ image = pipe("a red circle", num_inference_steps=20, seed=0, plugins=[{cls}(stre
 
 
 def new_plugin(name: str, directory: os.PathLike | str = ".") -> Path:
-    """Write the package ``diffsteer-NAME`` into ``directory/NAME``; refuses to overwrite anything."""
+    """Write the package ``diffsteer-NAME`` into ``directory/NAME``, in the template the shipped plugins follow
+    (``src/`` layout, ``py.typed``, README, typed hooks); refuses to overwrite anything with a
+    :class:`~diffsteer.errors.PluginError` naming the plugin."""
     if not _NAME.match(name) or keyword.iskeyword(name.replace("-", "_")):
-        raise ValueError(f"plugin name {name!r} must be lower-case words joined by '-', e.g. 'my-guidance'")
+        raise PluginError(name, "a plugin name must be lower-case words joined by '-', e.g. 'my-guidance'")
     target = Path(directory) / name
     if target.exists():
-        raise ValueError(f"{target} already exists; choose another directory or name")
+        raise PluginError(name, f"{target} already exists; choose another directory or name")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from .model import ControlNetModel
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffsteer.call import GenerationCall, StepState, UNetInputs
+    from diffsteer.commands import TrainCommand
 
 __all__ = ["ControlNet", "ControlNetSettings", "control_image_tensor"]
 
@@ -165,7 +166,7 @@ class ControlNet(Plugin):
 
     @staticmethod
     @hookimpl
-    def diffsteer_train_commands(register: Any) -> None:
+    def diffsteer_train_commands(register: Callable[["TrainCommand"], None]) -> None:
         from diffsteer.commands import TrainCommand
 
         from .train import add_arguments, run

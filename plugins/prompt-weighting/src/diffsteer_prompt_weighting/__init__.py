@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffsteer import Plugin, PluginError, hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from diffsteer import GenerationCall
 
 from .a1111_syntax import parse_a1111
 from .compel_syntax import parse_compel
@@ -80,12 +83,12 @@ class PromptWeighting(Plugin):
 
     # -- hooks -----------------------------------------------------------------------------------------------------
     @hookimpl
-    def diffsteer_setup(self, call: Any) -> None:
+    def diffsteer_setup(self, call: "GenerationCall") -> None:
         # Parse the prompts now, so a syntax error stops the call before any work.
         self._state(call)
 
     @hookimpl
-    def diffsteer_encode_prompt(self, call: Any, texts: list[str]) -> Optional[torch.Tensor]:
+    def diffsteer_encode_prompt(self, call: "GenerationCall", texts: list[str]) -> Optional[torch.Tensor]:
         state = self._state(call)
         encoder: WeightedPromptEncoder = state["encoder"]
         chunks = state["chunks"]

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffsteer import AttentionPatch, Plugin, PluginError, hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from diffsteer import BranchPredictions, GenerationCall, StepState
 
 __all__ = [
     "MID_SELF_ATTENTION", "PASS_NAME", "Sag", "SagSettings", "attended_keys", "degrade", "gaussian_blur_2d", "map_size",
@@ -147,7 +150,7 @@ class Sag(Plugin):
 
     # -- hooks ------------------------------------------------------------------------------------------
     @hookimpl
-    def diffsteer_setup(self, call: Any) -> None:
+    def diffsteer_setup(self, call: "GenerationCall") -> None:
         state = call.state_for(self)
         mine = [p for p in call.plugins if isinstance(p, Sag)]
         rank = next(i for i, p in enumerate(mine) if p is self)
@@ -175,7 +178,7 @@ class Sag(Plugin):
             )
 
     @hookimpl
-    def diffsteer_attention_patches(self, call: Any, register: Any) -> None:
+    def diffsteer_attention_patches(self, call: "GenerationCall", register: Callable[[AttentionPatch], None]) -> None:
         state = call.state_for(self)
         if not state["active"]:
             return
@@ -191,7 +194,9 @@ class Sag(Plugin):
         register(AttentionPatch(self.name, state["layer"], observe=observe))
 
     @hookimpl
-    def diffsteer_guidance(self, call: Any, step: Any, predictions: Any) -> Optional[torch.Tensor]:
+    def diffsteer_guidance(
+        self, call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
+    ) -> Optional[torch.Tensor]:
         state = call.state_for(self)
         if not state["active"]:
             return None
@@ -212,7 +217,7 @@ class Sag(Plugin):
         return s.sag_scale * (pred - degraded_pred)
 
     @hookimpl
-    def diffsteer_teardown(self, call: Any, error: Optional[BaseException]) -> None:
+    def diffsteer_teardown(self, call: "GenerationCall", error: Optional[BaseException]) -> None:
         state = call.state_for(self)
         if error is None and state.get("masks"):
             call.outputs[state["label"]] = {"masks": torch.stack(state["masks"])}

@@ -18,12 +18,15 @@ division by zero that makes the reference produce NaN).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from diffsteer import Plugin, PluginError, SettingsError, hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from diffsteer import BranchLayout, BranchPredictions, GenerationCall, StepState
 
 __all__ = ["Concept", "Sega", "SegaSettings", "concept_guidance", "sega_step"]
 __version__ = "0.1.0"
@@ -204,7 +207,7 @@ class Sega(Plugin):
 
     # -- hooks ------------------------------------------------------------------------------------------
     @hookimpl
-    def diffsteer_setup(self, call: Any) -> None:
+    def diffsteer_setup(self, call: "GenerationCall") -> None:
         request = call.request
         if not request.do_cfg:
             raise PluginError(
@@ -221,7 +224,7 @@ class Sega(Plugin):
         call.state_for(self).update(label=label, branches=[], momentum=None, applied=[])
 
     @hookimpl
-    def diffsteer_guidance_branches(self, call: Any, branches: Any) -> None:
+    def diffsteer_guidance_branches(self, call: "GenerationCall", branches: "BranchLayout") -> None:
         state = call.state_for(self)
         for i, concept in enumerate(self.settings.concepts):
             name = f"{state['label']}:{i}"
@@ -231,7 +234,9 @@ class Sega(Plugin):
             state["branches"].append(name)
 
     @hookimpl
-    def diffsteer_guidance(self, call: Any, step: Any, predictions: Any) -> Optional[torch.Tensor]:
+    def diffsteer_guidance(
+        self, call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
+    ) -> Optional[torch.Tensor]:
         state = call.state_for(self)
         term = self._concept_term(state, step.index, predictions) if self.settings.concepts else None
         if self.sem_guidance is not None:
@@ -243,7 +248,7 @@ class Sega(Plugin):
         return term
 
     @hookimpl
-    def diffsteer_teardown(self, call: Any, error: Optional[BaseException]) -> None:
+    def diffsteer_teardown(self, call: "GenerationCall", error: Optional[BaseException]) -> None:
         state = call.state_for(self)
         if error is None and state.get("applied"):
             call.outputs[state["label"]] = {"sem_guidance": torch.stack(state["applied"]).cpu()}

@@ -18,12 +18,16 @@ are safe, and prompt encoders of other plugins (prompt weighting) see the tokens
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diffsteer import Plugin, PluginError, SettingsError, hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from diffsteer import GenerationCall
+    from diffsteer.commands import TrainCommand
 
 from .formats import SHIPPED, read_embedding, shipped_embedding, write_embedding
 
@@ -123,14 +127,14 @@ class TextualInversion(Plugin):
     # tryfirst: before any plugin's setup, whatever the list order, since some (prompt weighting) tokenize the
     # call's prompts in their own setup.
     @hookimpl(tryfirst=True)
-    def diffsteer_setup(self, call: Any) -> None:
+    def diffsteer_setup(self, call: "GenerationCall") -> None:
         # Per-call vocabulary: the shared tokenizer and encoder stay as they are (thread-safe), and every prompt
         # encoder of the call (the core's, prompt weighting's) reads these tokens through call.text.
         call.add_tokens(self.name, self.embeddings)
 
     @staticmethod
     @hookimpl
-    def diffsteer_train_commands(register: Callable[[Any], None]) -> None:
+    def diffsteer_train_commands(register: Callable[["TrainCommand"], None]) -> None:
         from diffsteer.commands import TrainCommand
 
         from .train import add_arguments, run

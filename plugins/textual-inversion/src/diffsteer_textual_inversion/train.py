@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from diffsteer import Plugin, PluginError, hookimpl
 from diffsteer.atomic import atomic_file
 from diffsteer.latent_codec import encode_images, vae_scale_factor
-from diffsteer.training import DiffusionTrainer, InMemoryData, ParamGroup, TrainConfig, TrainResult
+from diffsteer.training import DiffusionTrainer, InMemoryData, ParamGroup, TrainBatch, TrainConfig, TrainResult
 
 from .formats import write_embedding
 
@@ -94,7 +94,7 @@ class TextualInversionTraining(Plugin):
         return [ParamGroup("textual-inversion", [weight], weight_decay=0.0)]
 
     @hookimpl
-    def diffsteer_train_batch(self, trainer: DiffusionTrainer, batch: dict) -> None:
+    def diffsteer_train_batch(self, trainer: DiffusionTrainer, batch: TrainBatch) -> None:
         batch["captions"] = [self.expand(c) for c in batch["captions"]]
 
     def learned(self, trainer: DiffusionTrainer) -> torch.Tensor:
