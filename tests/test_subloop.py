@@ -12,7 +12,7 @@ import torch
 from diffsteer import AttentionPatch, Plugin, PluginError, hookimpl
 from diffsteer.pipeline import Pipeline
 from diffsteer.schedulers import make_scheduler
-from diffsteer.testing import max_abs_diff, pass_recorder
+from diffsteer.testing import max_abs_diff, pass_recorder, residual_shapes
 
 STEPS = 10
 CROSS_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
@@ -186,6 +186,17 @@ class Token(Plugin):
         call.add_tokens(self.name, {"<thing>": torch.randn(32, generator=torch.Generator().manual_seed(self.seed))})
 
 
+class Residual(Plugin):
+    """A ControlNet stand-in: a fixed mid-block residual on every pass."""
+
+    name = "residual"
+
+    @hookimpl
+    def diffsteer_model_inputs(self, call, step, inputs):
+        _, (c, h, w) = residual_shapes(call.unet.config, *inputs.sample.shape[-2:])
+        inputs.add_residuals(self.name, mid=torch.ones(inputs.sample.shape[0], c, h, w))
+
+
 def test_patches_overrides_tokens_and_conditioning_act_inside_the_subloop(tiny_pipe):
     image = init_latents(tiny_pipe)
     observer, passes = Observer(), []
@@ -199,6 +210,9 @@ def test_patches_overrides_tokens_and_conditioning_act_inside_the_subloop(tiny_p
     d = max_abs_diff(overridden.final, plain.final)
     print(f"weight override changes the inverted latents by max|Δ| = {d:.2e}")
     assert d > 1e-3
+
+    residual, _ = invert(tiny_pipe, image, plugins=[Residual()])
+    assert max_abs_diff(residual.final, plain.final) > 1e-3  # ControlNet-style residuals reach the sub-loop
 
     first, _ = invert(tiny_pipe, image, plugins=[Token(seed=1)], prompt="a <thing>")
     second, _ = invert(tiny_pipe, image, plugins=[Token(seed=2)], prompt="a <thing>")
