@@ -221,3 +221,59 @@ def test_a_plugin_may_not_reuse_a_scope_field_name():
 
     with pytest.raises(PluginError, match="'clash': its Settings define window_start"):
         Clash()
+
+
+class CondOnly(Plugin):
+    name = "cond-only"
+
+    @hookimpl
+    def diffsteer_combine_guidance(self, call, step, predictions):
+        return predictions["cond"]
+
+
+class Starts(Plugin):
+    """Adds one to the initial latents."""
+
+    name = "starts"
+
+    @hookimpl
+    def diffsteer_prepare_latents(self, call, latents):
+        return latents + 1.0
+
+
+class HalveCond(Plugin):
+    name = "halve-cond"
+
+    @hookimpl
+    def diffsteer_noise_prediction(self, call, step, predictions):
+        predictions["cond"] = predictions["cond"] * 0.5
+
+
+class FirstLatents(Plugin):
+    name = "first-latents"
+
+    def __init__(self):
+        super().__init__()
+        self.latents = None
+
+    @hookimpl
+    def diffsteer_pre_step(self, call, step):
+        if self.latents is None:
+            self.latents = step.latents.clone()
+
+
+def test_a_region_confines_a_formula_initial_latents_and_prediction_edits(tiny_pipe):
+    half = tiny_pipe.default_size // tiny_pipe.vae_scale_factor // 2
+    region = left_half(tiny_pipe)
+    base = run(tiny_pipe, num_inference_steps=1)
+    for make in (CondOnly, HalveCond):  # what a step's scheduler update receives is confined
+        everywhere = run(tiny_pipe, [make()], num_inference_steps=1)
+        confined = run(tiny_pipe, [make(region=region)], num_inference_steps=1)
+        assert torch.equal(confined[..., half:], base[..., half:]), make.name
+        assert torch.allclose(confined[..., :half], everywhere[..., :half], atol=1e-6), make.name
+
+    plain, shifted = FirstLatents(), FirstLatents()
+    run(tiny_pipe, [plain], num_inference_steps=1)
+    run(tiny_pipe, [Starts(region=region), shifted], num_inference_steps=1)
+    assert torch.equal(shifted.latents[..., half:], plain.latents[..., half:])
+    assert torch.allclose(shifted.latents[..., :half], plain.latents[..., :half] + 1.0)
