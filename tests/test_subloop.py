@@ -275,3 +275,18 @@ def test_bad_subloop_arguments_name_the_plugin(tiny_pipe, kwargs, message):
 
     with pytest.raises(PluginError, match=r"plugin 'bad'.*" + re.escape(message)):
         tiny_pipe("a red circle", num_inference_steps=2, plugins=[Bad()], output_type="latent")
+
+
+def test_a_subloop_before_prepare_latents_is_refused(tiny_pipe):
+    """In setup the call's weight overrides and attention patches are not in place: an inversion there would
+    silently run without them."""
+
+    class Early(Plugin):
+        name = "early"
+
+        @hookimpl
+        def diffsteer_setup(self, call):
+            call.invert(self.name, torch.zeros(call.latent_shape), STEPS, layout=None)
+
+    with pytest.raises(PluginError, match=r"plugin 'early'.*before prepare_latents"):
+        tiny_pipe("a red circle", num_inference_steps=2, plugins=[Early()], output_type="latent")

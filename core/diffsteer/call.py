@@ -256,6 +256,7 @@ class GenerationCall:
         self.timesteps: torch.Tensor = torch.empty(0)
         #: every plugin's attention patches, collected before prepare_latents (so sub-loops see them).
         self._patches: list[tuple[Plugin, AttentionPatch]] = []
+        self._patches_ready = False
         self._processors: dict[tuple[int, ...], dict[str, PatchedAttention]] = {}
         #: the scheduler of a running sub-loop (its own instance), else None.
         self._loop_scheduler: Optional[Scheduler] = None
@@ -457,6 +458,7 @@ class GenerationCall:
         """Fire ``diffsteer_attention_patches`` and install every patch; the core calls it once, before
         ``prepare_latents``, so a sub-loop started there already runs with the patches."""
         self._patches = self.scoped.collect_patches()
+        self._patches_ready = True
         self._use_patches(None)
 
     def _use_patches(self, step: Optional[StepState]) -> None:
@@ -500,9 +502,9 @@ class GenerationCall:
         ``name``, default ``owner``; ``index``/``num_steps`` count the sub-loop's steps) and
         ``call.pass_name`` as that name, and ``call.step_scheduler`` is the sub-loop's scheduler. Step windows
         read the place in denoising order, so in an inversion (ascending timesteps) a window covers the same
-        noise levels as in the main loop. Call it from ``setup`` (with ``layout=``) or later; DiffEdit inverts
-        its image from ``prepare_latents``. Bad arguments raise :class:`~diffsteer.errors.PluginError` naming
-        ``owner``.
+        noise levels as in the main loop. Call it from ``prepare_latents`` (DiffEdit inverts its image there) or
+        later: before, the call's weight overrides and attention patches are not in place yet, so an earlier
+        call is refused. Bad arguments raise :class:`~diffsteer.errors.PluginError` naming ``owner``.
         """
         from .subloop import run_subloop
 

@@ -38,12 +38,13 @@ Order and exclusivity:
   ``model_inputs`` is a constant of the pass (no graph through a ControlNet).
 * A plugin may run a **sub-loop** (DDIM inversion for DiffEdit and pix2pix-zero, or any scheduler) with
   ``call.invert(...)`` / ``call.run_subloop(...)`` (:meth:`~diffsteer.call.GenerationCall.run_subloop`)
-  from ``prepare_latents`` (or ``setup`` with its own layout). It runs on a fresh scheduler instance of
-  its own and returns the :class:`~diffsteer.subloop.Trajectory`; the call's tokens, weight overrides,
-  ``model_inputs`` conditioning and attention patches act in it (patches are registered before
-  ``prepare_latents`` for this), and the main loop's per-step hooks do not fire. Hooks then see the
-  sub-loop's own step (``step.loop`` is its name, ``index``/``num_steps`` count its steps); a
-  ``call.predict`` outside any loop passes a one-step ``StepState`` with ``loop="predict"``, never ``None``.
+  from ``prepare_latents`` or later (earlier, overrides and patches are not in place: it is refused). It
+  runs on a fresh scheduler instance of its own and returns the :class:`~diffsteer.subloop.Trajectory`;
+  the call's tokens, weight overrides, ``model_inputs`` conditioning and attention patches act in it
+  (patches are registered before ``prepare_latents`` for this); the main loop's per-step hooks do not
+  fire. Hooks then see the sub-loop's own step (``step.loop`` is its name, ``index``/``num_steps`` count
+  its steps); a ``call.predict`` outside any loop passes a one-step ``StepState`` with
+  ``loop="predict"``, never ``None``.
 * Per-call state belongs in ``call.state_for(self)``, never on the plugin object: one plugin instance
   may serve concurrent calls.
 

@@ -84,9 +84,8 @@ def loop_timesteps(sched: Scheduler, owner: str, num_steps: int, strength: float
 def default_layout(call: "GenerationCall", owner: str, guidance_scale: float) -> BranchLayout:
     """The call's conditional branch, with an unconditional one in front when ``guidance_scale > 1`` (the call's,
     or the negative prompts encoded now when the call itself runs without guidance)."""
-    if call.layout is None:
-        raise PluginError(owner, "a sub-loop needs the call's prompts encoded: run it from prepare_latents or later, "
-                          "or pass layout=")
+    if call.layout is None:  # pragma: no cover - the layout exists whenever a sub-loop may run
+        raise PluginError(owner, "a sub-loop needs the call's prompts encoded")
     layout = call.layout.subset(call.layout.with_role(CONDITIONAL))
     if guidance_scale <= 1:
         return layout
@@ -134,6 +133,9 @@ def run_subloop(
     """Run ``scheduler`` from ``latents`` with the call's UNet passes; see :meth:`GenerationCall.run_subloop`."""
     from .call import StepState  # call.py imports this module lazily; keep the cycle one-way at import time
 
+    if not call._patches_ready:
+        raise PluginError(owner, "runs a sub-loop before prepare_latents; the call's weight overrides and attention "
+                          "patches are not in place until then: run it from diffsteer_prepare_latents or later")
     sched = loop_scheduler(call, owner, scheduler)
     timesteps = loop_timesteps(sched, owner, num_steps, strength)
     layout = layout if layout is not None else default_layout(call, owner, guidance_scale)
