@@ -69,6 +69,10 @@ def test_plugins_command_lists_entry_points(tmp_path):
                          text=True, env=env, check=True)
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert rows["demo"]["version"] == "0.3.0" and rows["demo"]["hooks"] == ["post_step"]
+    assert rows["demo"]["contract"] == "1.0"  # declares none
+    text = subprocess.run([sys.executable, "-m", "diffsteer.cli", "plugins"], capture_output=True, text=True,
+                          env=env, check=True).stdout
+    assert any(line.startswith("demo ") and "contract 1.0" in line for line in text.splitlines()), text
 
 
 def test_written_files_get_the_usual_permissions(tmp_path):

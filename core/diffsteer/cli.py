@@ -54,7 +54,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             hooks = ", ".join(r["hooks"]) if not r["error"] else f"cannot load: {r['error']}"
-            print(f"{r['name']:<20} {r['distribution']} {r['version']:<10} {hooks}")
+            print(f"{r['name']:<20} {r['distribution']} {r['version']:<10} contract {r['contract']:<5} {hooks}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What ``diffsteer plugins`` lists: each installed plugin's distribution, version and hooks.
+"""What ``diffsteer plugins`` lists: each installed plugin's distribution, version, hook contract and hooks.
 
 Finding a plugin's hooks means importing it, and with it torch: seconds per listing. The hooks are
 cached per plugin under a fingerprint of its entry point, distribution and source files (paths, sizes,
@@ -19,7 +19,7 @@ from typing import Any, Optional
 from . import __version__
 
 ENTRY_POINT_GROUP = "diffsteer"
-_FORMAT = 1
+_FORMAT = 2  # 2: entries carry the plugin's hook contract
 
 
 def cache_file() -> Path:
@@ -52,10 +52,12 @@ def fingerprint(ep: md.EntryPoint) -> str:
     return digest.hexdigest()
 
 
-def _load_hooks(ep: md.EntryPoint) -> list[str]:
+def _load_hooks(ep: md.EntryPoint) -> tuple[list[str], str]:
+    """The plugin's hooks (without the ``diffsteer_`` prefix) and the contract version it declares."""
     from .plugins import implemented_hooks
 
-    return [h.removeprefix("diffsteer_") for h in implemented_hooks(ep.load())]
+    cls = ep.load()
+    return [h.removeprefix("diffsteer_") for h in implemented_hooks(cls)], str(getattr(cls, "contract", "1.0"))
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
@@ -78,7 +80,8 @@ def _write_cache(path: Path, data: dict[str, Any]) -> None:
 
 
 def plugin_rows(cache: Optional[Path] = None) -> list[dict[str, Any]]:
-    """One row per installed plugin, by name: ``name``, ``distribution``, ``version``, ``hooks``, ``error``."""
+    """One row per installed plugin, by name: ``name``, ``distribution``, ``version``, ``contract``, ``hooks``,
+    ``error``."""
     cache = cache_file() if cache is None else cache
     known = _read_cache(cache)
     fresh: dict[str, Any] = {}
@@ -87,17 +90,19 @@ def plugin_rows(cache: Optional[Path] = None) -> list[dict[str, Any]]:
         dist = ep.dist
         stamp = fingerprint(ep)
         entry = known.get(name)
-        if isinstance(entry, dict) and entry.get("fingerprint") == stamp and isinstance(entry.get("hooks"), list):
-            hooks, problem = entry["hooks"], ""
+        if (isinstance(entry, dict) and entry.get("fingerprint") == stamp and isinstance(entry.get("hooks"), list)
+                and isinstance(entry.get("contract"), str)):
+            hooks, contract, problem = entry["hooks"], entry["contract"], ""
         else:
             try:
-                hooks, problem = _load_hooks(ep), ""
+                (hooks, contract), problem = _load_hooks(ep), ""
             except Exception as exc:  # a broken plugin must not hide the others
-                hooks, problem = [], f"{type(exc).__name__}: {exc}"
+                hooks, contract, problem = [], "?", f"{type(exc).__name__}: {exc}"
         if not problem:
-            fresh[name] = {"fingerprint": stamp, "hooks": hooks}
+            fresh[name] = {"fingerprint": stamp, "hooks": hooks, "contract": contract}
         rows.append({"name": name, "distribution": dist.name if dist else "?",
-                     "version": dist.version if dist else "?", "hooks": hooks, "error": problem})
+                     "version": dist.version if dist else "?", "contract": contract, "hooks": hooks,
+                     "error": problem})
     if fresh != {k: v for k, v in known.items() if k in fresh} or set(known) != set(fresh):
         _write_cache(cache, fresh)
     return rows
