@@ -202,3 +202,40 @@ def test_token_count_mismatch_raises_what_the_spec_says(tiny_pipe):
 
     with pytest.raises(GenerationError, match="pad both alike"):
         tiny_pipe("a red circle", num_inference_steps=1, seed=0, output_type="latent", plugins=[LongNegative()])
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(seed=1, generator="torch.Generator()"), "generator"),
+        (dict(latents="torch.zeros(1, 4, 16, 16)", image="torch.rand(1, 3, 32, 32)"), "latents"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(latents="torch.zeros(1, 4, 8, 8)"), "latents"),
+        (dict(image="torch.rand(2, 3, 32, 32)", num_images_per_prompt=3, strength=1.0), "image"),
+        (dict(image="torch.rand(1, 3, 32, 32)", strength=0.5), "strength"),  # no step left of 1
+    ],
+)
+def test_bad_call_arguments_raise_request_errors_naming_the_argument(tiny_pipe, kwargs, argument):
+    import torch
+
+    from diffsteer.errors import RequestError
+
+    args = {k: eval(v, {"torch": torch}) if isinstance(v, str) and v.startswith("torch.") else v
+            for k, v in kwargs.items()}
+    with pytest.raises(RequestError) as info:
+        tiny_pipe("a circle", num_inference_steps=1, output_type=args.pop("output_type", "latent"), **args)
+    assert info.value.argument == argument and str(info.value).startswith(argument)
+
+
+def test_plugin_checks_name_their_plugin(tiny_pipe):
+    from diffsteer import PluginError
+    from diffsteer_prompt_weighting import WeightedPromptEncoder
+    from diffsteer_sag import map_size
+
+    with pytest.raises(PluginError, match="^plugin 'sag': 50 attention positions"):
+        map_size((16, 16), 50)
+    with pytest.raises(PluginError, match="^plugin 'prompt-weighting': syntax must be"):
+        WeightedPromptEncoder(tiny_pipe.tokenizer, tiny_pipe.text_encoder, syntax="markdown")
+    encoder = WeightedPromptEncoder(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
+    with pytest.raises(PluginError, match="^plugin 'prompt-weighting': .* chunks, more than the 1 allowed"):
+        encoder.encode([" ".join(["red circle"] * 60)], chunks=1)

@@ -12,7 +12,7 @@ import torch
 
 from .attention_patches import AttentionPatch, PatchedAttention, compile_patches
 from .branches import Branch, BranchLayout, BranchPredictions
-from .errors import PluginError
+from .errors import PluginError, RequestError
 from .hook_chain import chain
 from .latent_codec import decode_latents, encode_images, vae_scale_factor
 from .models.context import ForwardContext, WeightPatch
@@ -309,7 +309,7 @@ class GenerationCall:
         self._steps_open = True
         if self.init_image is not None:
             # img2img starts part-way down the schedule, as diffusers' get_timesteps does.
-            self._narrow("strength", req.strength, lambda msg: ValueError(msg))
+            self._narrow("strength", req.strength, lambda msg: RequestError("strength", f"is too small: {msg}"))
         else:
             self._apply_first_step()
 
@@ -370,7 +370,8 @@ class GenerationCall:
             init = image.float().to(self.device) if image.shape[1] == self.vae.config.latent_channels else self.encode_images(image)
             if init.shape[0] != self.batch_size:
                 if self.batch_size % init.shape[0]:
-                    raise ValueError(f"cannot spread {init.shape[0]} images over {self.batch_size} outputs")
+                    raise RequestError("image", f"has {init.shape[0]} images, which cannot be spread evenly over the "
+                                       f"call's {self.batch_size} outputs")
                 init = torch.cat([init] * (self.batch_size // init.shape[0]))
             self._init_latents = init
         return self._init_latents

@@ -215,7 +215,7 @@ class Pipeline:
             prompt_embeds, negative_prompt_embeds,
         )
         if generator is not None and seed is not None:
-            raise ValueError("pass either generator or seed, not both")
+            raise RequestError("generator", "and seed cannot both be given: pass either generator or seed, not both")
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         plugin_objs = resolve_plugins(plugins)
@@ -230,7 +230,7 @@ class Pipeline:
             init_image=None if image is None else to_model_tensor(image, multiple=self.vae_scale_factor).to(self.unet.device),
         )
         if image is not None and latents is not None:
-            raise ValueError("pass either latents or image, not both")
+            raise RequestError("latents", "and image cannot both be given: pass either latents or image, not both")
         # The call owns the run: plugins see its timesteps (img2img window included) in setup.
         call._plan_steps()
         error: Optional[BaseException] = None
@@ -266,7 +266,7 @@ class Pipeline:
             seed=seed, strength=strength, num_images=num_images, eta=eta, clip_skip=clip_skip,
         )
         if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+            raise RequestError("output_type", f"must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if self.scheduler.name == "ddim_inverse":
             raise RequestError("scheduler", "'ddim_inverse' runs DDIM backwards (clean latents to noise, for "
                                "inversion); it cannot generate: use 'ddim'")
@@ -393,7 +393,7 @@ class Pipeline:
             if latents is None:
                 latents = randn_tensor(shape, generator=call.generator, device=call.device, dtype=torch.float32)
             elif tuple(latents.shape) != shape:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, this call needs {shape}")
+                raise RequestError("latents", f"have shape {tuple(latents.shape)}, this call needs {shape}")
             return latents.to(call.device, torch.float32) * call.scheduler.init_noise_sigma
         noise = randn_tensor(tuple(init.shape), generator=call.generator, device=call.device, dtype=torch.float32)
         return call.scheduler.add_noise(init, noise, timesteps[:1].repeat(call.batch_size))

@@ -23,11 +23,15 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 
+from diffsteer import PluginError
+
 from .a1111_syntax import parse_a1111
 from .compel_syntax import parse_compel
 from .syntax import Blend, Break, Conjunction, Fragment, Prompt
 
 Syntax = Literal["compel", "a1111"]
+#: Errors name the plugin this encoder serves, also when it is used on its own.
+OWNER = "prompt-weighting"
 
 #: A1111 moves the tail of a full chunk to the next one when a comma lies within this many tokens of the end.
 COMMA_BACKTRACK = 20
@@ -94,7 +98,7 @@ class WeightedPromptEncoder:
         clip_skip: Optional[int] = None,
     ) -> None:
         if syntax not in ("compel", "a1111"):
-            raise ValueError(f"syntax must be 'compel' or 'a1111', got {syntax!r}")
+            raise PluginError(OWNER, f"syntax must be 'compel' or 'a1111', got {syntax!r}")
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.syntax = syntax
@@ -249,7 +253,7 @@ class WeightedPromptEncoder:
         chunks = need if chunks is None else chunks
         if need > chunks:
             longest = max(plans, key=lambda p: p.chunks)
-            raise ValueError(f"{longest.text!r} needs {longest.chunks} chunks, more than the {chunks} allowed")
+            raise PluginError(OWNER, f"{longest.text!r} needs {longest.chunks} chunks, more than the {chunks} allowed")
         rows = _Rows(self)
         builders = [self._build(plan, rows) for plan in plans]
         rows.run()
@@ -364,7 +368,7 @@ class WeightedPromptEncoder:
             return encoder(ids, attention_mask=mask)[0].float()
         layers = encoder.config.num_hidden_layers
         if self.clip_skip < 0 or self.clip_skip >= layers:
-            raise ValueError(f"clip_skip={self.clip_skip} is out of range for a text encoder with {layers} layers")
+            raise PluginError(OWNER, f"clip_skip={self.clip_skip} is out of range for a text encoder with {layers} layers")
         out = encoder(ids, attention_mask=mask, output_hidden_states=True)
         norm = getattr(encoder, "text_model", encoder).final_layer_norm
         return norm(out.hidden_states[-(self.clip_skip + 1)]).float()

@@ -106,7 +106,7 @@ def map_size(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
     while h * w > tokens and (h > 1 or w > 1):
         h, w = (h + 1) // 2, (w + 1) // 2
     if h * w != tokens:
-        raise ValueError(f"{tokens} attention positions are no halving of a {latent_hw[0]}x{latent_hw[1]} latent")
+        raise PluginError("sag", f"{tokens} attention positions are no halving of a {latent_hw[0]}x{latent_hw[1]} latent")
     return h, w
 
 
