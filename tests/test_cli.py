@@ -419,3 +419,16 @@ def test_shapes_command_names_the_words_it_ignores(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: the shapes world does not know 'elephant'" in err and "'big'" not in err
     assert out.is_file()
+
+
+def test_from_refuses_an_image_made_from_prompt_embeddings(tmp_path, capsys):
+    from PIL import Image as PILImage
+
+    from diffsteer.image_files import save_image
+
+    made = tmp_path / "embeds.png"
+    save_image(PILImage.new("RGB", (8, 8)), made, {"prompt": None, "prompt_embeds": "<tensor 1x77x32 float32>"})
+    assert main(["generate", "--from", str(made), "-o", str(tmp_path / "again.png")]) == 2
+    err = capsys.readouterr().err
+    assert "generated from prompt embeddings" in err and "Traceback" not in err
+    assert not (tmp_path / "again.png").exists()

@@ -206,6 +206,10 @@ def build_parameters(args: argparse.Namespace) -> tuple[dict[str, Any], list[dic
             )
         source = str(Path(args.from_png))
         params = read_image_parameters(Path(args.from_png))
+        if not isinstance(params.get("prompt"), str):
+            # Embeddings passed to the API (prompt_embeds) are recorded by shape only: nothing to re-run.
+            raise CommandLineError(f"{source}: was generated from prompt embeddings, not a text prompt; the "
+                                   f"embeddings are not stored in the image, so --from cannot re-run it")
         recorded_files = dict(params.pop("files", {}) or {})
         params.pop("from", None)
         # Small images recorded inside the image stand in for files that are gone (made on another machine).
