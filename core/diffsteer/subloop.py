@@ -57,7 +57,9 @@ def loop_scheduler(call: "GenerationCall", owner: str, scheduler: Union[str, Sch
         raise PluginError(owner, f"sub-loop scheduler: {exc}") from None
 
 
-def loop_timesteps(sched: Scheduler, owner: str, num_steps: int, strength: float) -> torch.Tensor:
+def loop_timesteps(
+    sched: Scheduler, owner: str, num_steps: int, strength: float, device: Optional[torch.device] = None
+) -> torch.Tensor:
     """The sub-loop's timesteps: the ``int(num_steps * strength)`` least noisy steps of the schedule.
 
     A descending schedule (sampling) keeps its last steps, as img2img does; an ascending one (inversion)
@@ -66,7 +68,7 @@ def loop_timesteps(sched: Scheduler, owner: str, num_steps: int, strength: float
     if not 0 < strength <= 1:
         raise PluginError(owner, f"sub-loop strength must lie in (0, 1], got {strength}")
     try:
-        sched.set_timesteps(num_steps)
+        sched.set_timesteps(num_steps, device=device)
     except ValueError as exc:
         raise PluginError(owner, f"sub-loop: {exc}") from None
     kept = min(int(num_steps * strength), num_steps)
@@ -137,7 +139,7 @@ def run_subloop(
         raise PluginError(owner, "runs a sub-loop before prepare_latents; the call's weight overrides and attention "
                           "patches are not in place until then: run it from diffsteer_prepare_latents or later")
     sched = loop_scheduler(call, owner, scheduler)
-    timesteps = loop_timesteps(sched, owner, num_steps, strength)
+    timesteps = loop_timesteps(sched, owner, num_steps, strength, call.device)
     layout = layout if layout is not None else default_layout(call, owner, guidance_scale)
     loop = name or owner
     if loop in ("main", "predict"):
