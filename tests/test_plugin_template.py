@@ -122,6 +122,12 @@ def check_hooks_typed(plugin: type[Plugin]) -> None:
             f"{where}: returns {impl_hints['return']}, the spec {spec_hints['return']}"
 
 
+def check_state_typed(folder: Path) -> None:
+    """Per-call state is a dataclass (``call.state_for(self, MyCallState)``), never a bare dict of string keys."""
+    for source in (folder / "src").rglob("*.py"):
+        assert "state_for(self)" not in source.read_text(), f"{source}: call.state_for(self) without a state class"
+
+
 def check_settings(plugin: type[Plugin]) -> None:
     assert issubclass(plugin.Settings, BaseModel)
     if plugin.Settings is not NoSettings:
@@ -141,6 +147,7 @@ def test_shipped_plugin_follows_the_template(name):
     cls = ep.load()
     check_layout(folder, name)
     check_pyproject(folder, name, cls.__name__)
+    check_state_typed(folder)
     # The entry point resolves to this checkout's src/ (an editable install), to the class that bears its name.
     assert Path(inspect.getfile(cls)).resolve().is_relative_to(folder / "src")
     assert issubclass(cls, Plugin) and cls.name == name
@@ -153,6 +160,7 @@ def test_scaffolded_plugin_follows_the_template(tmp_path, monkeypatch):
     folder = new_plugin("tmpl-check", tmp_path)
     check_layout(folder, "tmpl-check")
     check_pyproject(folder, "tmpl-check", "TmplCheck")
+    check_state_typed(folder)
     monkeypatch.syspath_prepend(str(folder / "src"))
     module = importlib.import_module("diffsteer_tmpl_check")
     check_hooks_typed(module.TmplCheck)
@@ -230,12 +238,52 @@ def test_bad_call_arguments_raise_request_errors_naming_the_argument(tiny_pipe, 
 def test_plugin_checks_name_their_plugin(tiny_pipe):
     from diffsteer import PluginError
     from diffsteer_prompt_weighting import WeightedPromptEncoder
-    from diffsteer_sag import map_size
 
-    with pytest.raises(PluginError, match="^plugin 'sag': 50 attention positions"):
-        map_size((16, 16), 50)
     with pytest.raises(PluginError, match="^plugin 'prompt-weighting': syntax must be"):
         WeightedPromptEncoder(tiny_pipe.tokenizer, tiny_pipe.text_encoder, syntax="markdown")
     encoder = WeightedPromptEncoder(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
     with pytest.raises(PluginError, match="^plugin 'prompt-weighting': .* chunks, more than the 1 allowed"):
         encoder.encode([" ".join(["red circle"] * 60)], chunks=1)
+
+
+def test_typed_call_state_is_made_once_per_call_and_kept_apart(tiny_pipe):
+    """``call.state_for(plugin, Factory)``: one object per plugin and call, fresh in the next call."""
+    from dataclasses import dataclass, field
+
+    from diffsteer import PluginError, hookimpl
+
+    @dataclass
+    class Seen:
+        steps: list[int] = field(default_factory=list)
+
+    @dataclass
+    class Other:
+        pass
+
+    class Counter(Plugin):
+        name = "counter"
+
+        def __init__(self, log: list, **kw: object) -> None:
+            super().__init__(**kw)
+            self.log = log
+
+        @hookimpl
+        def diffsteer_pre_step(self, call: "GenerationCall", step: "StepState") -> None:
+            call.state_for(self, Seen).steps.append(step.index)
+
+        @hookimpl
+        def diffsteer_teardown(self, call: "GenerationCall", error: "Optional[BaseException]") -> None:
+            self.log.append(call.state_for(self, Seen).steps)
+
+    class Mixed(Counter):
+        @hookimpl
+        def diffsteer_post_step(self, call: "GenerationCall", step: "StepState") -> None:
+            call.state_for(self, Other)
+
+    log: list = []
+    counter = Counter(log)
+    tiny_pipe("a circle", num_inference_steps=3, seed=0, output_type="latent", plugins=[counter])
+    tiny_pipe("a circle", num_inference_steps=2, seed=0, output_type="latent", plugins=[counter])
+    assert log == [[0, 1, 2], [0, 1]]
+    with pytest.raises(PluginError, match="'counter'.*as Other, but it is a Seen"):
+        tiny_pipe("a circle", num_inference_steps=1, seed=0, output_type="latent", plugins=[Mixed([])])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar, overload
 
 import pluggy
 import torch
@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.unet import UNet2DConditionModel
     from .models.vae import AutoencoderKL
     from .subloop import PredictionEdit, Trajectory
+
+_State = TypeVar("_State")
 
 
 @dataclass
@@ -276,9 +278,24 @@ class GenerationCall:
         """Images this call makes (prompts × images per prompt)."""
         return len(self.request.prompts) * self.request.num_images_per_prompt
 
-    def state_for(self, plugin: Plugin) -> dict[str, Any]:
-        """The per-call state dict of ``plugin`` (plugin objects may be shared between calls)."""
-        return self._state.setdefault(id(plugin), {})
+    @overload
+    def state_for(self, plugin: Plugin) -> dict[str, Any]: ...
+
+    @overload
+    def state_for(self, plugin: Plugin, factory: Callable[[], _State]) -> _State: ...
+
+    def state_for(self, plugin: Plugin, factory: Optional[Callable[[], Any]] = None) -> Any:
+        """The per-call state of ``plugin`` (plugin objects may be shared between calls): a dict, or, typed,
+        the object ``factory()`` made on the first request of the call (a dataclass of the plugin's per-call
+        fields). One plugin asks with one factory, or with none, throughout a call."""
+        key = id(plugin)
+        if key not in self._state:
+            self._state[key] = {} if factory is None else factory()
+        state = self._state[key]
+        if factory is not None and isinstance(factory, type) and not isinstance(state, factory):
+            raise PluginError(plugin_label(plugin), f"asked for its call state as {factory.__name__}, "
+                              f"but it is a {type(state).__name__} already")
+        return state
 
     @property
     def vae_scale_factor(self) -> int:

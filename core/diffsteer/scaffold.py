@@ -63,6 +63,7 @@ pip install -e ".[test]" && python -m pytest -q tests
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -72,6 +73,13 @@ from diffsteer import Plugin, hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from diffsteer import BranchPredictions, GenerationCall, StepState
+
+
+@dataclass
+class {cls}CallState:
+    """What the plugin keeps for one call: one plugin object may serve concurrent calls, so never ``self.x``."""
+
+    steps: int = 0  # guidance steps applied so far
 
 
 class {cls}(Plugin):
@@ -95,8 +103,7 @@ class {cls}(Plugin):
         # Additive terms from all plugins are summed onto uncond + scale * (cond - uncond).
         if "uncond" not in predictions:
             return None
-        # Per-call state lives in call.state_for(self): one plugin object may serve concurrent calls.
-        call.state_for(self)["steps"] = step.index + 1
+        call.state_for(self, {cls}CallState).steps += 1
         direction = predictions["cond"] - predictions["uncond"]
         return (self.settings.strength - 1.0) * call.request.guidance_scale * direction
 ''',

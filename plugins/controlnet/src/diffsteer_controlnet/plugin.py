@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -120,6 +121,13 @@ def control_image_tensor(image: ImageLike, height: int, width: int, channels: in
     return t
 
 
+@dataclass
+class ControlNetCallState:
+    """What one ControlNet instance keeps for one call (the plugin object may serve concurrent calls)."""
+
+    image: torch.Tensor  # the control images, one row per image of the call, in the call's dtype and device
+
+
 class ControlNet(Plugin):
     """ControlNet conditioning: the generated image follows a control image (outlines, masks, depth).
 
@@ -216,7 +224,8 @@ class ControlNet(Plugin):
         config = net.config
         if req.height % config.downscale or req.width % config.downscale:
             raise PluginError(NAME, f"height and width must be multiples of {config.downscale} for this ControlNet")
-        call.state_for(self)["image"] = self._images(call, net).to(device=call.device, dtype=call.dtype)
+        image = self._images(call, net).to(device=call.device, dtype=call.dtype)
+        call.state_for(self, lambda: ControlNetCallState(image))
 
     def _images(self, call: "GenerationCall", net: ControlNetModel) -> torch.Tensor:
         """Control images for every image of the call (diffusers' ``prepare_image`` order)."""
@@ -246,7 +255,7 @@ class ControlNet(Plugin):
         if scale == 0.0:
             return
         net = self.model_for(call)
-        image = call.state_for(self)["image"]
+        image = call.state_for(self, ControlNetCallState).image
         layout = inputs.layout
         guess = self.settings.guess_mode or net.config.global_pool_conditions
         # Guess mode leaves the unconditional branch without control, whatever it is called (by role).

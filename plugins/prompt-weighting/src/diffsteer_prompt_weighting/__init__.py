@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 from .a1111_syntax import parse_a1111
 from .compel_syntax import parse_compel
-from .encoder import WeightedPromptEncoder
+from .encoder import EncodingPlan, WeightedPromptEncoder
 from .syntax import Blend, Break, Conjunction, Fragment, Prompt, PromptSyntaxError
 
 __all__ = [
@@ -29,6 +30,14 @@ __all__ = [
     "WeightedPromptEncoder", "parse_a1111", "parse_compel",
 ]
 __version__ = "0.1.0"
+
+
+@dataclass
+class PromptWeightingCallState:
+    """What one PromptWeighting instance keeps for one call (the plugin object may serve concurrent calls)."""
+
+    encoder: WeightedPromptEncoder
+    chunks: int  # the chunk count every text of the call is padded to
 
 
 class PromptWeighting(Plugin):
@@ -56,28 +65,29 @@ class PromptWeighting(Plugin):
         )
 
     # -- per-call state --------------------------------------------------------------------------------------------
-    def _state(self, call: Any) -> dict[str, Any]:
+    def _state(self, call: "GenerationCall") -> "PromptWeightingCallState":
         """The call's encoder and its chunk count, made on first use: at setup, or earlier when a plugin listed
         before this one encodes text in its own setup."""
-        state = call.state_for(self)
-        if "encoder" not in state:
-            s = self.settings
-            state["encoder"] = WeightedPromptEncoder(
-                call.text.tokenizer, call.text.encoder, syntax=s.syntax, truncate_long_prompts=s.truncate_long_prompts,
-                normalize_emphasis=s.normalize_emphasis, clip_skip=call.request.clip_skip,
-            )
-            req = call.request
-            known = [("prompt", t) for t in req.prompts]
-            if req.do_cfg:
-                known += [("negative prompt", t) for t in (req.negative_prompts or [""] * len(req.prompts))]
-            # Every embedding of the call goes into one UNet batch, so all texts get one chunk count: the most the
-            # call's own prompts need. Branch texts that plugins encode later are padded to it.
-            state["chunks"] = max([s.min_chunks] + [self._plan(state, role, t).chunks for role, t in known])
-        return state
+        return call.state_for(self, lambda: self._new_state(call))
 
-    def _plan(self, state: dict[str, Any], role: str, text: str) -> Any:
+    def _new_state(self, call: "GenerationCall") -> "PromptWeightingCallState":
+        s = self.settings
+        encoder = WeightedPromptEncoder(
+            call.text.tokenizer, call.text.encoder, syntax=s.syntax, truncate_long_prompts=s.truncate_long_prompts,
+            normalize_emphasis=s.normalize_emphasis, clip_skip=call.request.clip_skip,
+        )
+        req = call.request
+        known = [("prompt", t) for t in req.prompts]
+        if req.do_cfg:
+            known += [("negative prompt", t) for t in (req.negative_prompts or [""] * len(req.prompts))]
+        # Every embedding of the call goes into one UNet batch, so all texts get one chunk count: the most the
+        # call's own prompts need. Branch texts that plugins encode later are padded to it.
+        chunks = max([s.min_chunks] + [self._plan(encoder, role, t).chunks for role, t in known])
+        return PromptWeightingCallState(encoder, chunks)
+
+    def _plan(self, encoder: WeightedPromptEncoder, role: str, text: str) -> EncodingPlan:
         try:
-            return state["encoder"].plan(text)
+            return encoder.plan(text)
         except PromptSyntaxError as exc:
             raise PluginError(self.name, f"cannot parse the {role}: {exc.describe()}") from None
 
@@ -90,10 +100,9 @@ class PromptWeighting(Plugin):
     @hookimpl
     def diffsteer_encode_prompt(self, call: "GenerationCall", texts: list[str]) -> Optional[torch.Tensor]:
         state = self._state(call)
-        encoder: WeightedPromptEncoder = state["encoder"]
-        chunks = state["chunks"]
+        encoder, chunks = state.encoder, state.chunks
         for text in texts:
-            plan = self._plan(state, "text", text)
+            plan = self._plan(encoder, "text", text)
             if plan.chunks > chunks:
                 raise PluginError(
                     self.name,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
@@ -106,7 +107,7 @@ def map_size(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
     while h * w > tokens and (h > 1 or w > 1):
         h, w = (h + 1) // 2, (w + 1) // 2
     if h * w != tokens:
-        raise PluginError("sag", f"{tokens} attention positions are no halving of a {latent_hw[0]}x{latent_hw[1]} latent")
+        raise ValueError(f"{tokens} attention positions are no halving of a {latent_hw[0]}x{latent_hw[1]} latent")
     return h, w
 
 
@@ -121,6 +122,18 @@ def degrade(x0: torch.Tensor, keys: torch.Tensor, kernel_size: int, sigma: float
 
 
 # -- the plugin ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SagCallState:
+    """What one Sag instance keeps for one call (the plugin object may serve concurrent calls)."""
+
+    label: str = "sag"  # "sag", or "sag#2" for the second instance of a call: names its outputs
+    active: bool = False  # sag_scale > 0: as in the reference, 0 skips all of it
+    layer: str = ""  # the mid-block self-attention layer observed
+    branch: str = "uncond"  # the branch degraded and re-predicted
+    keys: Optional[torch.Tensor] = None  # this step's attended-key map, from the main pass
+    masks: list[torch.Tensor] = field(default_factory=list)  # each step's map, for call.outputs
 
 
 class Sag(Plugin):
@@ -151,12 +164,12 @@ class Sag(Plugin):
     # -- hooks ------------------------------------------------------------------------------------------
     @hookimpl
     def diffsteer_setup(self, call: "GenerationCall") -> None:
-        state = call.state_for(self)
+        state = call.state_for(self, SagCallState)
         mine = [p for p in call.plugins if isinstance(p, Sag)]
         rank = next(i for i, p in enumerate(mine) if p is self)
-        state["label"] = self.name if rank == 0 else f"{self.name}#{rank + 1}"
-        state["active"] = self.settings.sag_scale > 0  # as in the reference, 0 skips all of it
-        if not state["active"]:
+        state.label = self.name if rank == 0 else f"{self.name}#{rank + 1}"
+        state.active = self.settings.sag_scale > 0
+        if not state.active:
             return
         layers = [n for n in call.unet.attention_layers() if fnmatch.fnmatchcase(n, MID_SELF_ATTENTION)]
         if not layers:
@@ -165,7 +178,7 @@ class Sag(Plugin):
                 "self-attention guidance reads the UNet's mid-block self-attention, and this UNet has none "
                 f"(no attention layer matches {MID_SELF_ATTENTION!r})",
             )
-        state.update(layer=layers[0], branch="uncond" if call.request.do_cfg else "cond", keys=None, masks=[])
+        state.layer, state.branch = layers[0], "uncond" if call.request.do_cfg else "cond"
         # The reflect padding of the blur needs more latent pixels than it pads.
         h, w = call.latent_shape[-2:]
         s = self.settings
@@ -179,45 +192,45 @@ class Sag(Plugin):
 
     @hookimpl
     def diffsteer_attention_patches(self, call: "GenerationCall", register: Callable[[AttentionPatch], None]) -> None:
-        state = call.state_for(self)
-        if not state["active"]:
+        state = call.state_for(self, SagCallState)
+        if not state.active:
             return
-        branch = state["branch"]
+        branch = state.branch
 
         def observe(layer: str, probs: torch.Tensor) -> None:
             # Only the main pass holds the rows SAG degrades; its own pass and other plugins' extra
             # passes stack other rows.
             if call.pass_name != "main":
                 return
-            state["keys"] = attended_keys(probs[call.pass_layout.rows(branch)])
+            state.keys = attended_keys(probs[call.pass_layout.rows(branch)])
 
-        register(AttentionPatch(self.name, state["layer"], observe=observe))
+        register(AttentionPatch(self.name, state.layer, observe=observe))
 
     @hookimpl
     def diffsteer_guidance(
         self, call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
     ) -> Optional[torch.Tensor]:
-        state = call.state_for(self)
-        if not state["active"]:
+        state = call.state_for(self, SagCallState)
+        if not state.active:
             return None
-        keys, state["keys"] = state["keys"], None
+        keys, state.keys = state.keys, None
         if keys is None:
             raise PluginError(self.name, f"the mid-block self-attention was not observed in step {step.index}'s main pass")
         try:
             grid = map_size(tuple(step.latents.shape[-2:]), keys.shape[-1])
         except ValueError as exc:
             raise PluginError(self.name, f"cannot place the mid-block attention map on the latents: {exc}") from None
-        branch, s, sched = state["branch"], self.settings, call.scheduler
+        branch, s, sched = state.branch, self.settings, call.scheduler
         pred = predictions[branch]
         x0, eps = sched.split_model_output(pred, step.latents, step.timestep)
         degraded = sched.renoise(degrade(x0, keys, s.kernel_size, s.blur_sigma), eps, step.timestep)
         layout = call.layout.subset([branch])
         degraded_pred = call.predict(degraded, step.timestep, layout, pass_name=PASS_NAME)[branch]
-        state["masks"].append(keys.reshape(keys.shape[0], *grid).cpu())
+        state.masks.append(keys.reshape(keys.shape[0], *grid).cpu())
         return s.sag_scale * (pred - degraded_pred)
 
     @hookimpl
     def diffsteer_teardown(self, call: "GenerationCall", error: Optional[BaseException]) -> None:
-        state = call.state_for(self)
-        if error is None and state.get("masks"):
-            call.outputs[state["label"]] = {"masks": torch.stack(state["masks"])}
+        state = call.state_for(self, SagCallState)
+        if error is None and state.masks:
+            call.outputs[state.label] = {"masks": torch.stack(state.masks)}

@@ -18,6 +18,7 @@ division by zero that makes the reference produce NaN).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -112,6 +113,16 @@ def concept_guidance(
 
 
 GuidanceInput = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+@dataclass
+class SegaCallState:
+    """What one Sega instance keeps for one call (the plugin object may serve concurrent calls)."""
+
+    label: str = "sega"  # "sega", or "sega#2" for the second instance of a call: names its branches and outputs
+    branches: list[str] = field(default_factory=list)
+    momentum: Optional[torch.Tensor] = None
+    applied: list[torch.Tensor] = field(default_factory=list)  # the term of each step, for call.outputs
 
 
 class Sega(Plugin):
@@ -221,42 +232,44 @@ class Sega(Plugin):
         mine = [p for p in call.plugins if isinstance(p, Sega)]
         rank = next(i for i, p in enumerate(mine) if p is self)
         label = self.name if rank == 0 else f"{self.name}#{rank + 1}"
-        call.state_for(self).update(label=label, branches=[], momentum=None, applied=[])
+        call.state_for(self, SegaCallState).label = label
 
     @hookimpl
     def diffsteer_guidance_branches(self, call: "GenerationCall", branches: "BranchLayout") -> None:
-        state = call.state_for(self)
+        state = call.state_for(self, SegaCallState)
         for i, concept in enumerate(self.settings.concepts):
-            name = f"{state['label']}:{i}"
+            name = f"{state.label}:{i}"
             # One row per image, in the prompts' order: the concept applies alike to every prompt.
             texts = [concept.prompt] * len(call.request.prompts)
-            branches.add(name, call.encode_per_image(texts), owner=state["label"])
-            state["branches"].append(name)
+            branches.add(name, call.encode_per_image(texts), owner=state.label)
+            state.branches.append(name)
 
     @hookimpl
     def diffsteer_guidance(
         self, call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
     ) -> Optional[torch.Tensor]:
-        state = call.state_for(self)
+        state = call.state_for(self, SegaCallState)
         term = self._concept_term(state, step.index, predictions) if self.settings.concepts else None
         if self.sem_guidance is not None:
             extra = self.sem_guidance[step.index].to(predictions["uncond"].device, predictions["uncond"].dtype)
             term = extra if term is None else term + extra
-        state["applied"].append(
+        state.applied.append(
             torch.zeros_like(predictions["uncond"]) if term is None else term.expand_as(predictions["uncond"])
         )
         return term
 
     @hookimpl
     def diffsteer_teardown(self, call: "GenerationCall", error: Optional[BaseException]) -> None:
-        state = call.state_for(self)
-        if error is None and state.get("applied"):
-            call.outputs[state["label"]] = {"sem_guidance": torch.stack(state["applied"]).cpu()}
+        state = call.state_for(self, SegaCallState)
+        if error is None and state.applied:
+            call.outputs[state.label] = {"sem_guidance": torch.stack(state.applied).cpu()}
 
     # -- the math -----------------------------------------------------------------------------------------
-    def _concept_term(self, state: dict, index: int, predictions: Any) -> Optional[torch.Tensor]:
-        concepts = [predictions[name] for name in state["branches"]]
-        term, state["momentum"] = sega_step(self.settings, index, predictions["uncond"], concepts, state["momentum"])
+    def _concept_term(
+        self, state: SegaCallState, index: int, predictions: "BranchPredictions"
+    ) -> Optional[torch.Tensor]:
+        concepts = [predictions[name] for name in state.branches]
+        term, state.momentum = sega_step(self.settings, index, predictions["uncond"], concepts, state.momentum)
         return term
 
     def _check_steps(self, num_steps: int, shape: torch.Size) -> None:
