@@ -195,7 +195,10 @@ class UNetInputs:
 
 
 def _cast(tensors: Optional[list[torch.Tensor]], dtype: Optional[torch.dtype]) -> Optional[list[torch.Tensor]]:
-    return None if tensors is None or dtype is None else [t.to(dtype) for t in tensors]
+    # No dtype: the tensors as they are (training passes none; dropping them lost ControlNet's down residuals).
+    if tensors is None or dtype is None:
+        return tensors
+    return [t.to(dtype) for t in tensors]
 
 
 class GenerationCall:
