@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 
 from diffsteer import AttentionPatch, Plugin, hookimpl
+from diffsteer.testing.doubles import run as shared_run
 
 
 def run(pipe, plugins=(), **kw):
-    args = dict(prompt="a red circle", num_inference_steps=2, seed=0, output_type="latent")
-    args.update(kw)
-    return pipe(plugins=plugins, **args).images
+    return shared_run(pipe, plugins, **{"num_inference_steps": 2, **kw}).images
 
 
 class Excite(Plugin):

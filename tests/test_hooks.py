@@ -24,6 +24,7 @@ from diffsteer import (
 )
 from diffsteer.errors import GenerationError
 from diffsteer.pipeline import Pipeline
+from diffsteer.testing.doubles import run as shared_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,9 +36,7 @@ def pipe(tiny_pipe):
 
 
 def run(pipe, plugins=(), **kw):
-    args = dict(prompt="a red circle", num_inference_steps=3, seed=0, output_type="latent")
-    args.update(kw)
-    return pipe(plugins=plugins, **args).images
+    return shared_run(pipe, plugins, **{"num_inference_steps": 3, **kw}).images
 
 
 class Recorder(Plugin):

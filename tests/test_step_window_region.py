@@ -7,12 +7,11 @@ import torch
 
 from diffsteer import AttentionPatch, Plugin, PluginError, SettingsError, hookimpl
 from diffsteer.plugins import resolve_plugins
+from diffsteer.testing.doubles import run as shared_run
 
 
 def run(pipe, plugins=(), **kw):
-    args = dict(prompt="a red circle", num_inference_steps=4, seed=0, output_type="latent")
-    args.update(kw)
-    return pipe(plugins=plugins, **args).images
+    return shared_run(pipe, plugins, **{"num_inference_steps": 4, **kw}).images
 
 
 class Busy(Plugin):
