@@ -154,5 +154,6 @@ def test_exclusive_hooks_are_exactly_the_firstresult_specs():
         if n.startswith("diffsteer_") and (getattr(f, "diffsteer_spec", None) or {}).get("firstresult")
     )
     assert sorted(exclusive_hooks()) == firstresult
-    assert firstresult == ["diffsteer_combine_guidance", "diffsteer_decode", "diffsteer_encode_prompt"]
+    assert firstresult == ["diffsteer_combine_guidance", "diffsteer_decode", "diffsteer_encode_prompt",
+                           "diffsteer_plan_views"]
     assert not hasattr(hookspecs, "EXCLUSIVE_HOOKS")  # one list, not two

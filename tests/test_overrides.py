@@ -270,3 +270,59 @@ def test_patches_can_keep_only_some_plugins(pipe):
     assert torch.equal(only_tweak[CROSS_K].delta, randn(32, 32, seed=5))
     assert len(everything[CROSS_K].low_rank) == 1 and everything[CROSS_K].delta is not None
     assert weights.patches("text_encoder", owners={"edit"}) == {}
+
+
+class StepRecorder(Plugin):
+    """Keeps each main-loop step's input latents and raw conditional prediction."""
+
+    name = "step-recorder"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @hookimpl
+    def diffsteer_noise_prediction(self, call, step, predictions):
+        self.seen.append((step.latents.clone(), predictions["cond"].clone()))
+
+
+@pytest.mark.parametrize(("start", "end", "inside"), [(0.0, 0.5, [0, 1]), (0.5, 1.0, [2, 3]), (0.25, 0.75, [1, 2])])
+def test_unet_overrides_follow_the_plugins_step_window(pipe, start, end, inside):
+    """A per-step LoRA schedule: inside its window a plugin's UNet weights act, outside the shared ones do.
+    Each step's prediction is checked against the UNet run on that step's latents with and without the LoRA
+    written into a copy of it (guidance off, so the prediction is the UNet's output)."""
+    recorder = StepRecorder()
+    pipe("a red circle", num_inference_steps=4, seed=0, guidance_scale=1.0, output_type="latent",
+         plugins=[Overrides(lora(0), window_start=start, window_end=end), recorder])
+    patched = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        weights = patched.state_dict()
+        for layer, (down, up) in {CROSS_K: ((4, 32), (32, 4)), CROSS_V: ((2, 32), (32, 2))}.items():
+            seed = 0 if layer == CROSS_K else 2
+            weights[f"{layer}.weight"] += randn(*up, seed=seed + 1) @ randn(*down, seed=seed)
+        d, u = randn(2, 32, 3, 3, seed=4), randn(32, 2, 1, 1, seed=5)
+        weights[f"{CONV}.weight"] += torch.einsum("or,rikl->oikl", u[:, :, 0, 0], d)
+        patched.load_state_dict(weights)
+    # The text encoder's LoRA acts on the prompt, encoded once: both oracles get the call's embeddings.
+    probe = EmbeddingProbe()
+    pipe("a red circle", num_inference_steps=1, seed=0, guidance_scale=1.0, output_type="latent",
+         plugins=[Overrides(lora(0)), probe])
+    hidden = probe.embeddings
+    schedule = pipe.scheduler.fresh()
+    schedule.set_timesteps(4)
+    deltas = []
+    for index, (latents, pred) in enumerate(recorder.seen):
+        with torch.no_grad():
+            want = (patched if index in inside else pipe.unet)(latents, schedule.timesteps[index], hidden)
+        deltas.append(float((want - pred).abs().max()))
+    assert max(deltas) <= 1e-5, deltas
+
+
+class EmbeddingProbe(Plugin):
+    """Keeps the conditional branch's embeddings of a call."""
+
+    name = "embedding-probe"
+
+    @hookimpl
+    def diffsteer_guidance_branches(self, call, branches):
+        self.embeddings = branches["cond"].embeddings.clone()

@@ -46,10 +46,11 @@ def type_namespace() -> dict:
     from diffsteer.commands import TrainCommand
     from diffsteer.overrides import WeightOverrides
     from diffsteer.training import DiffusionTrainer, ParamGroup, TrainBatch, TrainOutputs
+    from diffsteer.views import ViewPlan
 
     return {**vars(typing), "torch": torch, "Path": Path, **{c.__name__: c for c in (
         AttentionPatch, Branch, BranchLayout, BranchPredictions, GenerationCall, StepState, UNetInputs,
-        TrainCommand, WeightOverrides, DiffusionTrainer, ParamGroup, TrainOutputs)}, "TrainBatch": TrainBatch}
+        TrainCommand, WeightOverrides, DiffusionTrainer, ParamGroup, TrainOutputs, ViewPlan)}, "TrainBatch": TrainBatch}
 
 
 def hints(fn: object, module: ModuleType) -> dict:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.unet import UNet2DConditionModel
     from .models.vae import AutoencoderKL
     from .subloop import PredictionEdit, Trajectory
+    from .overrides import WeightOverrides
+    from .views import ViewBatch
 
 _State = TypeVar("_State")
 
@@ -77,6 +79,8 @@ class StepState:
     loop: str = "main"
     #: the step's place in denoising order when it differs from ``index`` (an ascending sub-loop: inversion).
     denoise_index: Optional[int] = None
+    #: the views this step's prediction covers (a view plan's pass: ``latents`` is their crop), else ``None``.
+    view: Optional["ViewBatch"] = None
 
     @property
     def window_index(self) -> Optional[int]:
@@ -101,12 +105,18 @@ class UNetInputs:
     intrablock_residuals: Optional[list[torch.Tensor]] = None
     extra_channels: list[torch.Tensor] = field(default_factory=list)
     #: the region of the plugin adding conditioning now (set by the core): its residuals are confined to it.
+    #: In a view pass it is already cropped to the views (one row per image of each view).
     region: Optional[torch.Tensor] = field(default=None, repr=False)
+    #: the views this pass covers (:mod:`diffsteer.views`): crop canvas-sized conditioning with
+    #: ``inputs.view.crop(owner, tensor)``; ``None`` when the pass covers the whole canvas.
+    view: Optional["ViewBatch"] = None
 
     def _confined(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self.region is None:
             return list(tensors)
-        return [t * latent_mask(self.region, t) for t in tensors]
+        # One mask row per image (of each view) serves every branch of the pass.
+        branches = len(self.layout) if self.region.shape[0] > 1 else 1
+        return [t * latent_mask(self.region, t).repeat(branches, 1, 1, 1) for t in tensors]
 
     def _check_rows(self, owner: str, what: str, tensors: Sequence[torch.Tensor]) -> None:
         for t in tensors:
@@ -250,6 +260,9 @@ class GenerationCall:
         #: what plugins report back to the caller, keyed by plugin name (``PipelineOutput.extras``).
         self.outputs: dict[str, Any] = {}
         self._state: dict[int, dict[str, Any]] = {}
+        self._view_state: dict[int, dict[Optional[int], Any]] = {}
+        self._overrides: Optional["WeightOverrides"] = None
+        self._weight_sets: dict[tuple[str, ...], dict[str, WeightPatch]] = {}
         #: img2img's image as the model takes it (``[-1, 1]`` pixels, or latents given as such), else ``None``.
         self.init_image = init_image
         self._init_latents: Optional[torch.Tensor] = None
@@ -299,6 +312,22 @@ class GenerationCall:
             raise PluginError(plugin_label(plugin), f"asked for its call state as {factory.__name__}, "
                               f"but it is a {type(state).__name__} already")
         return state
+
+    def view_state_for(self, plugin: Plugin, factory: Callable[[], _State]) -> _State:
+        """Per-call state of ``plugin`` for the views running now: one ``factory()`` object per view batch of a
+        view plan (:mod:`diffsteer.views`), and one for the call without a plan or outside view passes. State
+        that follows the latents from step to step (SEGA's momentum) belongs here, so each window keeps its own."""
+        view = self.step.view if self.step is not None else None
+        per_view = self._view_state.setdefault(id(plugin), {})
+        key = None if view is None else view.index
+        if key not in per_view:
+            per_view[key] = factory()
+        return per_view[key]
+
+    def view_states(self, plugin: Plugin) -> dict[Optional[int], Any]:
+        """Every :meth:`view_state_for` object of ``plugin`` in this call, by view batch index (``None``: the
+        whole canvas), for ``teardown`` to report."""
+        return dict(self._view_state.get(id(plugin), {}))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -413,12 +442,28 @@ class GenerationCall:
         self.tokens.add_all(embeddings, owner=owner, tokenizer=self.text.tokenizer)
 
     def set_weight_patches(
-        self, unet: Mapping[str, WeightPatch], text_encoder: Mapping[str, WeightPatch]
+        self, unet: Mapping[str, WeightPatch], text_encoder: Mapping[str, WeightPatch],
+        overrides: Optional["WeightOverrides"] = None,
     ) -> None:
         """Patch the weights of every later UNet pass and prompt encoding of this call (the core calls it with
-        what :func:`~diffsteer.hookspecs.diffsteer_weight_overrides` registered; see :mod:`diffsteer.overrides`)."""
+        what :func:`~diffsteer.hookspecs.diffsteer_weight_overrides` registered; see :mod:`diffsteer.overrides`).
+        With ``overrides`` given, each step's UNet passes keep only the changes of plugins inside their step
+        window."""
         self.unet_context = dataclasses.replace(self.unet_context or ForwardContext(), weights=dict(unet))
         self.text_scope.weights = dict(text_encoder)
+        self._overrides = overrides
+        self._weight_sets = {}
+
+    def _use_weights(self, step: Optional[StepState]) -> None:
+        """Hand later UNet passes the weight changes of the plugins active at ``step`` (``None``: all)."""
+        weights = self._overrides
+        if not weights:
+            return
+        owners = tuple(o for o in weights.owners()
+                       if step is None or weights.plugin_of(o) is None or self.scoped.active(weights.plugin_of(o), step))
+        if owners not in self._weight_sets:
+            self._weight_sets[owners] = weights.patches("unet", owners=set(owners))
+        self.unet_context = dataclasses.replace(self.unet_context or ForwardContext(), weights=self._weight_sets[owners])
 
     def _edit_branch_embeddings(self) -> None:
         """Fire ``diffsteer_edit_embeddings`` for every branch of the layout, chained in list order."""
@@ -483,7 +528,9 @@ class GenerationCall:
         self._use_patches(None)
 
     def _use_patches(self, step: Optional[StepState]) -> None:
-        """Hand later UNet passes the processors of the patches active at ``step`` (``None``: all of them)."""
+        """Hand later UNet passes the processors of the patches and the weight changes active at ``step``
+        (``None``: all of them)."""
+        self._use_weights(step)
         patches = [p for _, p in self._patches] if step is None else self.scoped.active_patches(self._patches, step)
         key = tuple(id(p) for p in patches)
         if key not in self._processors:
@@ -583,6 +630,7 @@ class GenerationCall:
             encoder_hidden_states=layout.embeddings(),
             layout=layout,
             pass_name=pass_name,
+            view=step.view,
         )
         previous = (self.pass_name, self.pass_layout)
         self.pass_name, self.pass_layout = pass_name, layout

@@ -9,7 +9,8 @@ Order and exclusivity:
 
 * Plugins run in the order the user listed them (``plugins=[a, b]``: ``a`` sees each hook first).
 * Hooks marked *exclusive* replace core behaviour (:func:`diffsteer_encode_prompt`,
-  :func:`diffsteer_combine_guidance`, :func:`diffsteer_decode`); they are exactly the ``firstresult``
+  :func:`diffsteer_combine_guidance`, :func:`diffsteer_decode`, :func:`diffsteer_plan_views`); they are
+  exactly the ``firstresult``
   specs. When two plugins of one call implement the same exclusive hook, the call fails before any work
   with a :class:`~diffsteer.errors.PluginConflictError` naming both: nothing is silently overwritten.
 * pluggy wrappers (``@hookimpl(wrapper=True)``, or the older ``hookwrapper=True``) work on every hook,
@@ -23,7 +24,8 @@ Order and exclusivity:
 * Every plugin has a **step window** and a **region** (``window_start``/``window_end``/``region``
   keywords, applied by the core; :mod:`diffsteer.scope`). Outside its window none of a plugin's per-step hooks
   (``pre_step``, ``model_inputs``, ``noise_prediction``, ``combine_guidance``, ``guidance``,
-  ``post_step``) is called and its attention patches are left out. A region (an image-sized mask)
+  ``post_step``) is called, its attention patches are left out and its UNet weight overrides do not act.
+  A region (an image-sized mask)
   confines what the plugin changes in a step: its guidance term, residuals, formula, and edits of
   latents and predictions are blended in with the mask at their resolution; the following UNet passes
   see the whole latent, so the effect spreads from there as the image forms. What cannot be confined
@@ -51,8 +53,9 @@ Order and exclusivity:
 A generation call fires, in order::
 
     setup → weight_overrides → encode_prompt* → guidance_branches → edit_embeddings (per branch)
-          → attention_patches → prepare_latents
+          → attention_patches → prepare_latents → plan_views
     for each step:  pre_step → model_inputs → noise_prediction → combine_guidance → guidance → post_step
+                    (with a view plan: pre_step, then the middle four per batch of views, then post_step)
     decode → teardown (always, even after an error)
 
 A training run (:class:`diffsteer.training.DiffusionTrainer`) fires the training hooks instead::
@@ -74,6 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .call import GenerationCall, StepState, UNetInputs
     from .overrides import WeightOverrides
     from .commands import TrainCommand
+    from .views import ViewPlan
 
 PROJECT = "diffsteer"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -94,7 +98,7 @@ def exclusive(place: str) -> Callable[[Callable[..., object]], Callable[..., obj
 #: services); a major version changes or removes something. A plugin declares the version it needs in
 #: :attr:`diffsteer.Plugin.contract`; the core serves it when the majors match and the plugin's minor is
 #: not newer (see :func:`diffsteer.plugins.check_contract`).
-CONTRACT_VERSION = "1.1"
+CONTRACT_VERSION = "1.2"
 
 #: What each contract version added; ``docs/hooks.md`` prints it.
 CONTRACT_HISTORY = {
@@ -106,6 +110,8 @@ CONTRACT_HISTORY = {
     "``window_end``, ``region``, ``Plugin.scope_aliases``); gradient passes (``call.gradients()``); sub-loops and "
     "inversion (``call.run_subloop``, ``call.invert``, ``call.step_scheduler``, ``StepState.loop``), with "
     "``attention_patches`` fired before ``prepare_latents``",
+    "1.2": "per-view UNet passes (MultiDiffusion: ``diffsteer.views``, ``StepState.view``, ``UNetInputs.view``, "
+    "``call.view_state_for``, ``call.view_states``); UNet weight overrides follow the plugin's step window",
 }
 
 
@@ -161,7 +167,9 @@ def diffsteer_weight_overrides(call: "GenerationCall", weights: "WeightOverrides
     that can be overridden: the weights and biases of linear and convolution layers).
     May change: nothing else. The shared models are never modified: every UNet pass of the call (also
     compiled, also plugins' extra passes) and every prompt encoding of the call (also a plugin's, through
-    ``call.text``) sees the changed weights, and concurrent calls on the pipeline do not. Deltas of
+    ``call.text``) sees the changed weights, and concurrent calls on the pipeline do not. With a step window
+    (since 1.2) the plugin's UNet changes act only in the steps of its window; its text-encoder changes act
+    on the prompts, which are encoded once, before the steps. Deltas of
     several plugins on one parameter sum; a second replacement of a parameter raises
     :class:`~diffsteer.errors.PluginConflictError` naming both plugins; a name, shape or non-finite value
     that does not fit raises :class:`~diffsteer.errors.PluginError` naming the plugin.
@@ -250,6 +258,30 @@ def diffsteer_attention_patches(call: "GenerationCall", register: Callable[["Att
     Receives: ``register``, to be called with :class:`~diffsteer.attention_patches.AttentionPatch` objects.
     May change: nothing else.
     Returns: nothing.
+    """
+
+
+@since("1.2")
+@exclusive("the views of the canvas")
+def diffsteer_plan_views(call: "GenerationCall") -> Optional["ViewPlan"]:
+    """Denoise the canvas as windows (MultiDiffusion panoramas and region prompts). *Exclusive.*
+
+    When: once per call, after :func:`diffsteer_prepare_latents`, before the first step.
+    Receives: ``call``; ``call.latent_shape`` is the canvas.
+    May change: nothing.
+    Returns: a :class:`~diffsteer.views.ViewPlan` (``ViewPlan.grid(canvas, window, stride, batch_size=...,
+    wrap=...)``, or views of one size with per-cell weights and per-view branch embeddings), or ``None`` to
+    denoise the whole canvas at once. With a plan, every step of the main loop fires ``pre_step`` on the
+    canvas, then for each batch of views crops the latents and runs ``model_inputs``, ``noise_prediction``,
+    ``combine_guidance``, ``guidance`` and the scheduler step on the crop, with that batch's own scheduler
+    state; the views' results are averaged into the canvas, weighted per cell, and ``post_step`` sees the
+    canvas. In a view pass ``step.view`` and ``inputs.view`` are the :class:`~diffsteer.views.ViewBatch`:
+    an injector crops canvas-sized conditioning with ``inputs.view.crop(owner, tensor)``; ``call.layout``
+    stacks every branch over the batch's views (view-major) and ``call.step_scheduler`` is the batch's
+    scheduler; ``call.view_state_for(plugin, factory)`` keeps state per view batch (guidance momentum).
+    Regions are cropped by the core. Sub-loops and lone ``call.predict`` passes see the whole canvas. A
+    plan that leaves a latent cell without weight, leaves the canvas or mixes view sizes raises
+    :class:`~diffsteer.errors.PluginError` naming the plugin.
     """
 
 

@@ -56,6 +56,9 @@ class WeightOverrides:
         self._models = {name: getattr(m, "_orig_mod", m) for name, m in models.items()}  # compiled: the inner model
         self._layers: dict[str, dict[str, _Layer]] = {name: {} for name in self._models}
         self._owners: dict[str, None] = {}  # insertion-ordered set
+        #: the plugin whose hook is registering now, and so the plugin behind each owner (for step windows).
+        self.registering: Any = None
+        self._plugins: dict[str, Any] = {}
 
     # -- what may be overridden ----------------------------------------------------------------------------------------
     def names(self, model: str = "unet") -> list[str]:
@@ -125,7 +128,7 @@ class WeightOverrides:
         layer, kind, param = self._param(owner, name, model)
         delta = self._tensor(owner, f"the delta of {name!r}", delta, param).to(param.device, torch.float32)
         (layer.deltas if kind == "weight" else layer.bias_deltas).append((owner, delta))
-        self._owners.setdefault(owner)
+        self._owned(owner)
 
     def add_low_rank(
         self, owner: str, layer: str, down: torch.Tensor, up: torch.Tensor, *, scale: float = 1.0,
@@ -157,7 +160,7 @@ class WeightOverrides:
         # The scale goes into `up`, so a compiled UNet sees tensors only and a new scale needs no recompile.
         up = up.detach().to(weight.device, torch.float32) * float(scale)
         entry.low_rank.append((owner, LowRank(down.detach().to(weight.device, weight.dtype), up.to(weight.dtype))))
-        self._owners.setdefault(owner)
+        self._owned(owner)
 
     def replace(self, owner: str, name: str, value: torch.Tensor, *, model: str = "unet") -> None:
         """Use ``value`` as parameter ``name`` for this call; a second replacement of it is a conflict."""
@@ -167,7 +170,11 @@ class WeightOverrides:
         if current is not None:
             raise PluginConflictError(f"parameter {name!r} of the {model}", current[0], owner)
         setattr(layer, kind, (owner, value.to(param.device, param.dtype)))
+        self._owned(owner)
+
+    def _owned(self, owner: str) -> None:
         self._owners.setdefault(owner)
+        self._plugins.setdefault(owner, self.registering)
 
     # -- what the models receive ---------------------------------------------------------------------------------------
     def __bool__(self) -> bool:
@@ -176,6 +183,10 @@ class WeightOverrides:
     def owners(self) -> list[str]:
         """The plugins that registered a change, in registration order."""
         return list(self._owners)
+
+    def plugin_of(self, owner: str) -> Any:
+        """The plugin object whose hook registered ``owner``'s first change (``None`` if not known)."""
+        return self._plugins.get(owner)
 
     def patches(self, model: str = "unet", owners: Optional[Collection[str]] = None) -> dict[str, WeightPatch]:
         """One :class:`WeightPatch` per changed layer of ``model``, keyed by module path, in its dtype.
@@ -206,8 +217,19 @@ class WeightOverrides:
 
 
 def collect_weight_overrides(call: "GenerationCall", unet: nn.Module, text_encoder: nn.Module) -> WeightOverrides:
-    """Fire :func:`~diffsteer.hookspecs.diffsteer_weight_overrides` and hand the result to the call's models."""
+    """Fire :func:`~diffsteer.hookspecs.diffsteer_weight_overrides` and hand the result to the call's models.
+
+    A plugin with a step window changes the UNet's weights only in the steps of its window (a per-step LoRA
+    schedule); its text-encoder changes act on the prompts, which are encoded once, before any step. With a
+    window in the call each plugin's hook runs alone, so every change is known by the plugin that made it.
+    """
     weights = WeightOverrides({"unet": unet, "text_encoder": text_encoder})
-    call.hook.diffsteer_weight_overrides(call=call, weights=weights)
-    call.set_weight_patches(weights.patches("unet"), weights.patches("text_encoder"))
+    if call.scoped.windowed:
+        for plugin, caller in call.scoped.each("diffsteer_weight_overrides"):
+            weights.registering = plugin
+            caller(call=call, weights=weights)
+        weights.registering = None
+    else:
+        call.hook.diffsteer_weight_overrides(call=call, weights=weights)
+    call.set_weight_patches(weights.patches("unet"), weights.patches("text_encoder"), overrides=weights)
     return weights

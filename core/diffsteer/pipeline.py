@@ -26,6 +26,7 @@ from .prompt_embeds import mismatch_error, per_image, prompt_inputs, refuse_prom
 from .request_checks import check_arguments, check_prompts, check_size
 from .schedulers import Scheduler, make_scheduler
 from .text import PromptEncoder, TokenTable, token_table_for
+from .views import plan_views
 
 ProgressFn = Callable[[int, int], None]
 
@@ -313,7 +314,6 @@ class Pipeline:
         self, call: GenerationCall, latents: Optional[torch.Tensor], progress: Optional[ProgressFn],
     ) -> Any:
         req = call.request
-        sched = call.scheduler
         timesteps = call.timesteps
 
         layout = BranchLayout(call.batch_size)
@@ -338,6 +338,7 @@ class Pipeline:
         latents = chain(call.hook.diffsteer_prepare_latents, "latents", latents, blend_in=call.scoped.blend_latents,
                         call=call)
 
+        views = plan_views(call)
         scoped = call.scoped
         call._use_patches(None)
         for index, t in enumerate(timesteps):
@@ -347,23 +348,11 @@ class Pipeline:
                 # Plugins outside their step window leave their patches out of that step's processors.
                 call._use_patches(step)
             scoped.latents_hook("diffsteer_pre_step", step)
-            preds = call.predict(step.latents, t, pass_name="main")
-            scoped.noise_prediction(step, preds)
-
-            def cfg() -> torch.Tensor:
-                return (
-                    preds["uncond"] + req.guidance_scale * (preds["cond"] - preds["uncond"])
-                    if req.do_cfg
-                    else preds["cond"]
-                )
-
-            guided = scoped.combine_guidance(step, preds, cfg)
-            for term in scoped.guidance(step, preds):
-                guided = guided + term
-            if req.do_cfg and req.guidance_rescale > 0:
-                guided = rescale_guidance(guided, preds["cond"], req.guidance_rescale)
-            out = sched.step(guided, t, step.latents, generator=call.generator, **self._step_kwargs(req))
-            step.latents, step.prediction, step.pred_original = out.prev_sample, guided, out.pred_original_sample
+            if views is None:
+                self._denoise(call, step)
+            else:
+                views.step(step, lambda view_step: self._denoise(call, view_step))
+            call.step = step
             scoped.latents_hook("diffsteer_post_step", step)
             latents = step.latents
             if not torch.isfinite(latents).all():
@@ -380,6 +369,24 @@ class Pipeline:
         if decoded is None:
             decoded = self.decode_latents(latents)
         return postprocess(decoded, req.output_type)
+
+    def _denoise(self, call: GenerationCall, step: StepState) -> None:
+        """One step's prediction, guidance and scheduler step over ``step.latents`` (the canvas, or a view
+        batch's crop); sets ``step.latents``, ``prediction`` and ``pred_original``."""
+        req, t, scoped = call.request, step.timestep, call.scoped
+        preds = call.predict(step.latents, t, pass_name="main")
+        scoped.noise_prediction(step, preds)
+
+        def cfg() -> torch.Tensor:
+            return preds["uncond"] + req.guidance_scale * (preds["cond"] - preds["uncond"]) if req.do_cfg else preds["cond"]
+
+        guided = scoped.combine_guidance(step, preds, cfg)
+        for term in scoped.guidance(step, preds):
+            guided = guided + term
+        if req.do_cfg and req.guidance_rescale > 0:
+            guided = rescale_guidance(guided, preds["cond"], req.guidance_rescale)
+        out = call.step_scheduler.step(guided, t, step.latents, generator=call.generator, **self._step_kwargs(req))
+        step.latents, step.prediction, step.pred_original = out.prev_sample, guided, out.pred_original_sample
 
     def _step_kwargs(self, req: GenerationRequest) -> dict[str, Any]:
         return {"eta": req.eta} if req.eta is not None and self.scheduler.name == "ddim" else {}

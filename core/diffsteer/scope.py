@@ -4,7 +4,9 @@
   inside when ``i / n >= window_start`` and ``(i + 1) / n <= window_end`` (diffusers'
   ``control_guidance_start/end`` rule). Outside it
   the core calls none of the plugin's per-step hooks (``pre_step``, ``model_inputs``, ``noise_prediction``,
-  ``combine_guidance``, ``guidance``, ``post_step``) and its attention patches are not applied.
+  ``combine_guidance``, ``guidance``, ``post_step``), its attention patches are not applied and its UNet
+  weight overrides are left out (a per-step LoRA schedule; text-encoder overrides act on the prompts, encoded
+  once before the steps).
 * The **region**: an image-sized mask in ``[0, 1]`` (a path, a PIL image, a ``(H, W)``/``(1, H, W)``
   tensor or array). The core confines the plugin's effect to it: its guidance term, its residuals, its
   replacement of the guidance formula, and its edits of latents and predictions are blended in with the mask

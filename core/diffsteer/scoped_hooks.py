@@ -22,6 +22,7 @@ from .scope import blend, latent_mask
 if TYPE_CHECKING:  # pragma: no cover
     from .branches import BranchPredictions
     from .call import GenerationCall, StepState, UNetInputs
+    from .views import ViewBatch
 
 #: Hooks whose effect cannot be confined to a region: a plugin with a region may not implement them.
 UNCONFINABLE = {
@@ -62,6 +63,7 @@ class ScopedHooks:
                 self.masks[id(p)] = mask.to(call.device)
                 self._refuse_unconfinable(p)
         self._relays: dict[frozenset, Any] = {}
+        self._cropped: dict[tuple[int, int], torch.Tensor] = {}
 
     def _refuse_unconfinable(self, plugin: Plugin) -> None:
         for hook, what in UNCONFINABLE.items():
@@ -71,6 +73,16 @@ class ScopedHooks:
 
     def has_region(self, plugin: Plugin) -> bool:
         return id(plugin) in self.masks
+
+    def _mask(self, plugin: Plugin, view: Optional["ViewBatch"]) -> Optional[torch.Tensor]:
+        """The plugin's region, cropped to ``view``'s windows in a view pass (one row per image of each view)."""
+        mask = self.masks.get(id(plugin))
+        if mask is None or view is None:
+            return mask
+        key = (id(plugin), view.index)
+        if key not in self._cropped:
+            self._cropped[key] = view.crop_mask(mask)
+        return self._cropped[key]
 
     def refuse_region(self, owner: str, what: str) -> None:
         """Raise when a plugin labelled ``owner`` has a region but does ``what``, which no region confines."""
@@ -107,6 +119,10 @@ class ScopedHooks:
                 out.append((plugin, self.call.pm.subset_hook_caller(hook, remove_plugins=others)))
         return out
 
+    def each(self, hook: str) -> list[tuple[Plugin, Any]]:
+        """``(plugin, caller of that plugin alone)`` for every plugin implementing ``hook``, in call order."""
+        return self._each(hook, None)
+
     def blend_latents(self, plugin: Any, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """A chained latents edit (``prepare_latents``) confined to the plugin's region."""
         mask = self.masks.get(id(plugin))
@@ -129,7 +145,7 @@ class ScopedHooks:
             self.relay(step).diffsteer_model_inputs(call=self.call, step=step, inputs=inputs)
             return
         for plugin, caller in self._each("diffsteer_model_inputs", step):
-            inputs.region = self.masks.get(id(plugin))
+            inputs.region = self._mask(plugin, inputs.view)
             try:
                 caller(call=self.call, step=step, inputs=inputs)
             finally:
@@ -142,10 +158,11 @@ class ScopedHooks:
         for plugin, caller in self._each("diffsteer_noise_prediction", step):
             before = dict(predictions)
             caller(call=self.call, step=step, predictions=predictions)
-            if self.has_region(plugin):
+            mask = self._mask(plugin, step.view)
+            if mask is not None:
                 for name, value in list(predictions.items()):
                     if name in before and value is not before[name]:
-                        predictions[name] = blend(before[name], value, self.masks[id(plugin)])
+                        predictions[name] = blend(before[name], value, mask)
 
     def combine_guidance(
         self, step: "StepState", predictions: "BranchPredictions", core: Callable[[], torch.Tensor]
@@ -155,8 +172,9 @@ class ScopedHooks:
         if guided is None:
             return core()
         for plugin, _ in self._each("diffsteer_combine_guidance", step):
-            if self.has_region(plugin):
-                return blend(core(), guided, self.masks[id(plugin)])
+            mask = self._mask(plugin, step.view)
+            if mask is not None:
+                return blend(core(), guided, mask)
         return guided
 
     def guidance(self, step: "StepState", predictions: "BranchPredictions") -> list[torch.Tensor]:
@@ -164,9 +182,10 @@ class ScopedHooks:
             return list(self.relay(step).diffsteer_guidance(call=self.call, step=step, predictions=predictions))
         terms = []
         for plugin, caller in self._each("diffsteer_guidance", step):
+            mask = self._mask(plugin, step.view)
             for term in caller(call=self.call, step=step, predictions=predictions):
-                if self.has_region(plugin):
-                    term = term * latent_mask(self.masks[id(plugin)], term)
+                if mask is not None:
+                    term = term * latent_mask(mask, term)
                 terms.append(term)
         return terms
 

@@ -154,7 +154,7 @@ class ControlNet(Plugin):
     """
 
     name = NAME
-    contract = "1.1"
+    contract = "1.2"
     # diffusers' names for the core's step window, which every plugin has (diffsteer.scope).
     scope_aliases = {"control_guidance_start": "window_start", "control_guidance_end": "window_end"}
     Settings = ControlNetSettings
@@ -268,6 +268,9 @@ class ControlNet(Plugin):
         if len(names) < len(layout):
             rows = torch.cat([torch.arange(layout.rows(n).start, layout.rows(n).stop) for n in names]).to(sample.device)
             sample, hidden = sample[rows], hidden[rows]
+        if inputs.view is not None:
+            # A view plan's pass (diffsteer.views): each window takes its crop of the canvas-wide image.
+            image = inputs.view.crop(NAME, image)
         cond = image.repeat(len(names), 1, 1, 1)
         down, mid = net(
             sample.to(net.dtype), inputs.timestep, hidden.to(net.dtype), cond.to(net.dtype),

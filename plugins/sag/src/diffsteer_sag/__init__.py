@@ -220,7 +220,7 @@ class Sag(Plugin):
             grid = map_size(tuple(step.latents.shape[-2:]), keys.shape[-1])
         except ValueError as exc:
             raise PluginError(self.name, f"cannot place the mid-block attention map on the latents: {exc}") from None
-        branch, s, sched = state.branch, self.settings, call.scheduler
+        branch, s, sched = state.branch, self.settings, call.step_scheduler
         pred = predictions[branch]
         x0, eps = sched.split_model_output(pred, step.latents, step.timestep)
         degraded = sched.renoise(degrade(x0, keys, s.kernel_size, s.blur_sigma), eps, step.timestep)

@@ -121,6 +121,12 @@ class SegaCallState:
 
     label: str = "sega"  # "sega", or "sega#2" for the second instance of a call: names its branches and outputs
     branches: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SegaViewState:
+    """What follows the latents from step to step: one per call, or one per view batch of a view plan."""
+
     momentum: Optional[torch.Tensor] = None
     applied: list[torch.Tensor] = field(default_factory=list)  # the term of each step, for call.outputs
 
@@ -146,7 +152,7 @@ class Sega(Plugin):
     """
 
     name = "sega"
-    contract = "1.1"
+    contract = "1.2"
     Settings = SegaSettings
     settings: SegaSettings
 
@@ -249,11 +255,15 @@ class Sega(Plugin):
         self, call: "GenerationCall", step: "StepState", predictions: "BranchPredictions"
     ) -> Optional[torch.Tensor]:
         state = call.state_for(self, SegaCallState)
-        term = self._concept_term(state, step.index, predictions) if self.settings.concepts else None
+        # Momentum follows each window of a view plan on its own (diffsteer.views).
+        view = call.view_state_for(self, SegaViewState)
+        term = self._concept_term(state, view, step.index, predictions) if self.settings.concepts else None
         if self.sem_guidance is not None:
             extra = self.sem_guidance[step.index].to(predictions["uncond"].device, predictions["uncond"].dtype)
+            if step.view is not None:
+                extra = step.view.crop(self.name, extra.expand(call.batch_size, *extra.shape[-3:]))
             term = extra if term is None else term + extra
-        state.applied.append(
+        view.applied.append(
             torch.zeros_like(predictions["uncond"]) if term is None else term.expand_as(predictions["uncond"])
         )
         return term
@@ -261,15 +271,19 @@ class Sega(Plugin):
     @hookimpl
     def diffsteer_teardown(self, call: "GenerationCall", error: Optional[BaseException]) -> None:
         state = call.state_for(self, SegaCallState)
-        if error is None and state.applied:
-            call.outputs[state.label] = {"sem_guidance": torch.stack(state.applied).cpu()}
+        views = {k: v for k, v in call.view_states(self).items() if v.applied}
+        if error is None and views:
+            if None in views:
+                call.outputs[state.label] = {"sem_guidance": torch.stack(views[None].applied).cpu()}
+            else:  # a view plan: each batch of views' terms (its windows' crops), in plan order
+                call.outputs[state.label] = {"sem_guidance_views": [torch.stack(views[k].applied).cpu() for k in sorted(views)]}
 
     # -- the math -----------------------------------------------------------------------------------------
     def _concept_term(
-        self, state: SegaCallState, index: int, predictions: "BranchPredictions"
+        self, state: SegaCallState, view: SegaViewState, index: int, predictions: "BranchPredictions"
     ) -> Optional[torch.Tensor]:
         concepts = [predictions[name] for name in state.branches]
-        term, state.momentum = sega_step(self.settings, index, predictions["uncond"], concepts, state.momentum)
+        term, view.momentum = sega_step(self.settings, index, predictions["uncond"], concepts, view.momentum)
         return term
 
     def _check_steps(self, num_steps: int, shape: torch.Size) -> None:
