@@ -46,6 +46,8 @@ ERRORS = [
      "guidance_rescale must be in [0, 1], got 2", 2),
     ("steps-zero", [P, "--steps", "0"], dict(num_inference_steps=0), "num_inference_steps must be at least 1", 2),
     ("eta-nan", [P, "--eta", "nan"], dict(eta=float("nan")), "eta must be a finite number", 2),
+    ("clip-skip-too-deep", [P, "--clip-skip", "9"], dict(clip_skip=9),
+     "clip_skip is 9, out of range for a text encoder with 3 layers: give 0 to 2", 2),
     ("size-beyond-memory", [P, "--height", HUGE, "--width", HUGE], dict(height=2**20, width=2**20),
      f"{HUGE}x{HUGE} needs at least", 2),
     ("ddim-inverse", [P, "--scheduler", "ddim_inverse"], "ddim_inverse",

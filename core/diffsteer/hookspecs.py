@@ -183,7 +183,9 @@ def diffsteer_encode_prompt(call: "GenerationCall", texts: list[str]) -> Optiona
     """Encode prompt texts into text-encoder hidden states. *Exclusive.*
 
     When: for each list of texts the core encodes: the positive prompts, the negative prompts and any
-    branch prompts that plugins request through ``call.encode``.
+    branch prompts that plugins request through ``call.encode``. A call given ``prompt_embeds`` or
+    ``negative_prompt_embeds`` (prompts encoded elsewhere) refuses a plugin that implements this hook with
+    a :class:`~diffsteer.errors.PluginError` naming it, before any work: its prompts are already encoded.
     Receives: ``texts``, one string per batch item.
     May change: nothing on ``call``.
     Returns: a tensor ``(len(texts), tokens, hidden)`` in ``call.dtype``, or ``None`` to use the core

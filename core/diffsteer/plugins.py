@@ -85,11 +85,27 @@ def validate_settings(
     elif settings is not None:
         data.update(settings)
     data.update(fields)
+    twice = _spelt_twice(cls.Settings, data)
+    if twice:
+        raise SettingsError(name, twice)
     try:
         return cls.Settings(**data)
     except ValidationError as exc:
         problems = [(".".join(str(p) for p in e["loc"]) or "<settings>", e["msg"]) for e in exc.errors()]
         raise SettingsError(name, problems) from None
+
+
+def _spelt_twice(model: type[BaseModel], data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Fields given under two of their names (a diffusers alias and our name): pydantic would call the second
+    an unknown input, which hides that it is the same setting."""
+    problems = []
+    for field, info in model.model_fields.items():
+        alias = info.validation_alias
+        names = [c for c in getattr(alias, "choices", []) if isinstance(c, str)] if alias is not None else []
+        given = [n for n in dict.fromkeys([field, *names]) if n in data]
+        if len(given) > 1:
+            problems.append((field, f"is given twice, as {' and '.join(given)}: give one of them"))
+    return problems
 
 
 def _version(text: object) -> Optional[tuple[int, int]]:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer
 
+from .errors import RequestError
 from .models.context import PATH_ATTR, WeightPatch, name_layers, patched_linear
 
 
@@ -55,10 +56,9 @@ class PromptEncoder:
         if not clip_skip:
             return self.encoder(ids, attention_mask=mask)[0]
         if clip_skip < 0 or clip_skip >= self.encoder.config.num_hidden_layers:
-            raise ValueError(
-                f"clip_skip={clip_skip} is out of range for a text encoder with "
-                f"{self.encoder.config.num_hidden_layers} layers"
-            )
+            layers = self.encoder.config.num_hidden_layers
+            raise RequestError("clip_skip", f"is {clip_skip}, out of range for a text encoder with {layers} layers: "
+                               f"give 0 to {layers - 1}")
         out = self.encoder(ids, attention_mask=mask, output_hidden_states=True)
         hidden = out.hidden_states[-(clip_skip + 1)]
         return _text_transformer(self.encoder).final_layer_norm(hidden)

@@ -101,7 +101,8 @@ def test_controlnet_conditioning_scale_is_conditioning_scale(tiny_pipe, net_fold
     assert ControlNet({"model": "x", "image": image, "controlnet_conditioning_scale": 0.4}).settings.conditioning_scale == 0.4
     with pytest.raises(SettingsError, match=r"controlnet\.controlnet_conditioning_scale"):
         ControlNet(model="x", image=image, controlnet_conditioning_scale="strong")
-    with pytest.raises(SettingsError, match=r"controlnet\.controlnet_conditioning_scale: Extra inputs"):
+    with pytest.raises(SettingsError, match=r"conditioning_scale: is given twice, as conditioning_scale and "
+                       r"controlnet_conditioning_scale: give one of them"):
         ControlNet(model="x", image=image, conditioning_scale=0.4, controlnet_conditioning_scale=0.5)
 
 
