@@ -178,7 +178,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                disable=args.quiet)
     counts = dict(n_single=args.single, n_double=args.double, n_position=args.position, steps=args.steps,
                   progress=lambda done, total: bar.update(done - bar.n))
-    score = score_strict(pipe, n_open=n_open, **counts) if args.strict else score_model(pipe, **counts)
+    try:
+        score = score_strict(pipe, n_open=n_open, **counts) if args.strict else score_model(pipe, **counts)
+    except BaseException:
+        bar.leave = False  # an error (or Ctrl-C) clears the bar, so its message starts a clean line
+        bar.close()
+        raise
     bar.close()
     print(score.table())
     return 0
