@@ -86,7 +86,7 @@ def test_img2img_strength_zero_point_keeps_structure(pipe):
         (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 entries for 1 prompts"),
         (dict(latents=torch.zeros(1, 4, 8, 8)), r"latents have shape \(1, 4, 8, 8\)"),
         (dict(seed=1, generator=torch.Generator()), "either generator or seed"),
-        (dict(clip_skip=9), "clip_skip=9 is out of range"),
+        (dict(clip_skip=9), "clip_skip is 9, out of range for a text encoder with 3 layers"),
     ],
 )
 def test_bad_arguments_get_clear_errors(pipe, kwargs, message):
