@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import torch
 
@@ -132,3 +133,28 @@ def test_train_shapes_refuses_bad_recipe_options(tmp_path, capsys):
         err = capsys.readouterr().err
         assert wanted in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "x").exists()
+
+
+def test_from_a_model_runs_stage_6_alone_and_refuses_another_start(tmp_path, capsys):
+    """``--from shapes``: the CPU continuation run of docs/shapes-model.md, at toy size. The UNet and text
+    encoder change, the VAE and tokenizer are the start's, byte for byte."""
+    from diffsteer.loading.pipeline_loader import resolve_model
+
+    out = tmp_path / "run"
+    argv = ["train", "shapes", "--out", str(out), "--from", "shapes", "--bind-steps", "2", "--threads", "1",
+            "--set", "bind_n_images=64", "--set", "unet_batch_size=4", "--set", "bind_warmup_steps=0"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    start, model = resolve_model("shapes"), out / "model"
+    for part in ("vae/diffusion_pytorch_model.safetensors", "tokenizer/tokenizer.json"):
+        assert (model / part).read_bytes() == (start / part).read_bytes(), part
+    assert (model / "unet/diffusion_pytorch_model.safetensors").read_bytes() != \
+        (start / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    assert not (out / "work" / "stage5-model").exists()  # stages 1-5 never ran
+    other = tmp_path / "other-start"
+    shutil.copytree(start, other)
+    assert main([*argv[:5], str(other), *argv[6:]]) != 0
+    err = capsys.readouterr().err
+    assert "continues another model; use a new --out" in err and "Traceback" not in err
+    assert main(["train", "shapes", "--out", str(tmp_path / "y"), "--from", "shapes", "--bind-steps", "0"]) != 0
+    assert "set --bind-steps" in capsys.readouterr().err

@@ -77,6 +77,9 @@ def _shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where the networks train: cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="fixed torch thread count (default: follow the machine's load)")
+    parser.add_argument("--from", dest="start", default=None, metavar="MODEL",
+                        help="skip stages 1-5 and fine-tune MODEL (a model folder, or 'shapes': the shipped one) "
+                             "with stage 6 (the bind_* recipe fields)")
     parser.add_argument("--time-steps", type=int, default=None, metavar="N",
                         help="prepare stages 1-3, time N throw-away stage-4 steps, print seconds per step and stop")
 
@@ -108,7 +111,12 @@ def _train_shapes(args: argparse.Namespace) -> int:
                               steps=args.time_steps)
         print(f"seconds per step: {seconds:.6f}")
         return 0
-    train_shapes(Path(args.out), recipe, log=log, device=args.device, threads=args.threads)
+    start = None
+    if args.start is not None:
+        from .loading.pipeline_loader import resolve_model
+
+        start = resolve_model(args.start)  # a missing folder is an error naming it
+    train_shapes(Path(args.out), recipe, log=log, device=args.device, threads=args.threads, start=start)
     print(args.out)
     return 0
 

@@ -483,12 +483,15 @@ def train_stage5(work: Path, recipe: ShapesRecipe, target: Path, log: Log, *,
 
 
 def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = print, *,
-                 device: Union[str, torch.device] = "cpu", threads: Optional[int] = None) -> Path:
+                 device: Union[str, torch.device] = "cpu", threads: Optional[int] = None,
+                 start: Optional[Path] = None) -> Path:
     """Run (or resume) every stage and write the finished pipeline folder to ``out / "model"``.
 
     With stage 6 on, stages 1-5 end in ``out/work/stage5-model``; once that folder exists they are not re-run.
-    ``device`` is where the networks train (the data is rendered on the CPU); ``threads`` fixes the torch
-    thread count instead of letting the recipe follow the machine's load.
+    ``start`` (a model folder in the shipped layout, e.g. the shipped model's) skips stages 1-5: stage 6
+    fine-tunes that model instead (a continuation run on a CPU). ``device`` is where the networks train (the
+    data is rendered on the CPU); ``threads`` fixes the torch thread count instead of letting the recipe follow
+    the machine's load.
     """
     device = torch.device(device)
     work = out / "work"
@@ -500,6 +503,8 @@ def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = pr
     with atomic_file(recipe_file) as tmp:
         tmp.write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
     log(f"recipe: {recipe.model_dump(mode='json')} on {device}")
+    if start is not None:
+        return _continue_from(work, out, recipe, Path(start), log)
     if not recipe.bind_steps:
         model = train_stage5(work, recipe, out / "model", log, device=device, threads=threads)
         log(f"model written to {model} ({recipe.ship_dtype})")
@@ -513,4 +518,23 @@ def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = pr
     model = _ship(out / "model", recipe, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
                   tokenizer=parts.tokenizer)
     log(f"model written to {model} ({recipe.ship_dtype})")
+    return model
+
+
+def _continue_from(work: Path, out: Path, recipe: ShapesRecipe, start: Path, log: Log) -> Path:
+    """Stage 6 alone, from the model folder ``start`` (recorded, so a resume from another model is refused)."""
+    if not recipe.bind_steps:
+        raise ValueError("--from fine-tunes a model with stage 6, and this recipe has bind_steps 0: set --bind-steps")
+    if not (start / "model_index.json").is_file():
+        raise ValueError(f"{start}: not a model folder (no model_index.json)")
+    start_file = work / "start.json"
+    record = {"start": str(start.resolve())}
+    if start_file.is_file() and json.loads(start_file.read_text()) != record:
+        raise ValueError(f"{start_file}: this folder continues another model; use a new --out")
+    with atomic_file(start_file) as tmp:
+        tmp.write_text(json.dumps(record))
+    parts = bind_models(work, recipe, start, log)
+    model = _ship(out / "model", recipe, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
+                  tokenizer=parts.tokenizer)
+    log(f"model written to {model} ({recipe.ship_dtype}), fine-tuned from {start}")
     return model
