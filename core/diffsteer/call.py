@@ -457,7 +457,7 @@ class GenerationCall:
     def _use_weights(self, step: Optional[StepState]) -> None:
         """Hand later UNet passes the weight changes of the plugins active at ``step`` (``None``: all)."""
         weights = self._overrides
-        if not weights:
+        if not weights or not self.scoped.windowed:  # no window: the set the call started with is final
             return
         owners = tuple(o for o in weights.owners()
                        if step is None or weights.plugin_of(o) is None or self.scoped.active(weights.plugin_of(o), step))
