@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffsteer.testing import pass_recorder
+from diffsteer.testing.doubles import run as shared_run
 from diffsteer_controlnet import ControlNet, load_controlnet
 
 SIZE = 32
@@ -27,8 +28,7 @@ def net_folder(controlnet_for):
 
 
 def run(pipe, plugins, prompt="a red circle", **kw):
-    return pipe(prompt, num_inference_steps=STEPS, height=SIZE, width=SIZE, seed=0, output_type="latent",
-                plugins=plugins, **kw).images
+    return shared_run(pipe, plugins, prompt=prompt, num_inference_steps=STEPS, height=SIZE, width=SIZE, **kw).images
 
 
 def recompute_mid(net, record, image):

@@ -10,6 +10,7 @@ import torch
 
 import diffsteer_controlnet
 from diffsteer import PluginError, SettingsError
+from diffsteer.testing.doubles import run as shared_run
 from diffsteer_controlnet import ControlNet, ControlNetModel, load_controlnet
 
 SIZE = 32
@@ -29,9 +30,7 @@ def diffusers_net(net_folder):
 
 
 def run(pipe, plugins, **kw):
-    args = dict(prompt="a red circle", num_inference_steps=STEPS, height=SIZE, width=SIZE, seed=0, output_type="latent")
-    args.update(kw)
-    return pipe(plugins=plugins, **args).images
+    return shared_run(pipe, plugins, **{"num_inference_steps": STEPS, "height": SIZE, "width": SIZE, **kw}).images
 
 
 # -- a diffusers ControlNetModel object -------------------------------------------------------------------------
