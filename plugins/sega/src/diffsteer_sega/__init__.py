@@ -260,8 +260,9 @@ class Sega(Plugin):
         term = self._concept_term(state, view, step.index, predictions) if self.settings.concepts else None
         if self.sem_guidance is not None:
             extra = self.sem_guidance[step.index].to(predictions["uncond"].device, predictions["uncond"].dtype)
-            if step.view is not None:
-                extra = step.view.crop(self.name, extra.expand(call.batch_size, *extra.shape[-3:]))
+            if step.view is not None and extra.ndim == 4 and tuple(extra.shape[-2:]) == step.view.canvas:
+                # Canvas-sized guidance follows each window; a broadcast one (spatial size 1) applies as it is.
+                extra = step.view.crop(self.name, extra.expand(call.batch_size, *extra.shape[1:]))
             term = extra if term is None else term + extra
         view.applied.append(
             torch.zeros_like(predictions["uncond"]) if term is None else term.expand_as(predictions["uncond"])
