@@ -352,7 +352,6 @@ class Pipeline:
                 self._denoise(call, step)
             else:
                 views.step(step, lambda view_step: self._denoise(call, view_step))
-            call.step = step
             scoped.latents_hook("diffsteer_post_step", step)
             latents = step.latents
             if not torch.isfinite(latents).all():

@@ -185,8 +185,17 @@ class ViewBatch:
             window.index_add_(-1, v.columns(cw).to(canvas.device), per_view[j * r:(j + 1) * r])
 
 
+def coverage(plan: ViewPlan, canvas: tuple[int, int]) -> torch.Tensor:
+    """The summed view weight of each latent cell, ``(1, 1, h, w)``: what each step divides the views' sum by."""
+    cover = torch.zeros(1, 1, *canvas)
+    views = ViewBatch(plan.views, canvas, 1)
+    views.add_into(cover, views.view_weights(cover))
+    return cover
+
+
 def check_plan(owner: str, plan: object, canvas: tuple[int, int]) -> ViewPlan:
-    """``plan`` if it is a :class:`ViewPlan` that covers every cell of ``canvas`` with positive weight."""
+    """``plan`` if it is a :class:`ViewPlan` of one view size, inside ``canvas``, with valid weights (the
+    :class:`ViewRunner` then checks that every cell has weight)."""
     if not isinstance(plan, ViewPlan):
         raise PluginError(owner, f"diffsteer_plan_views returned a {type(plan).__name__}, not a ViewPlan")
     ch, cw = canvas
@@ -197,8 +206,6 @@ def check_plan(owner: str, plan: object, canvas: tuple[int, int]) -> ViewPlan:
     sizes = {(v.height, v.width) for v in plan.views}
     if len(sizes) > 1:
         raise PluginError(owner, f"views must all be one size to batch them, got {sorted(sizes)}")
-    cover = torch.zeros(1, 1, ch, cw)
-    batch = ViewBatch(plan.views, canvas, 1)
     for v in plan.views:
         if v.top < 0 or v.left < 0 or v.top + v.height > ch or (not plan.wrap and v.left + v.width > cw):
             raise PluginError(owner, f"view {v.top, v.left, v.height, v.width} (top, left, height, width) leaves "
@@ -210,10 +217,6 @@ def check_plan(owner: str, plan: object, canvas: tuple[int, int]) -> ViewPlan:
                 raise PluginError(owner, f"a view's weight is {tuple(v.weight.shape)}, its window {v.height}x{v.width}")
             if not torch.isfinite(v.weight).all() or float(v.weight.min()) < 0:
                 raise PluginError(owner, "view weights must be finite and non-negative")
-    batch.add_into(cover, batch.view_weights(cover))
-    if float(cover.min()) <= 0:
-        empty = int((cover <= 0).sum())
-        raise PluginError(owner, f"the views leave {empty} of the canvas's {ch * cw} latent cells without weight")
     return plan
 
 
@@ -228,6 +231,11 @@ class ViewRunner:
         # A copy per batch of the scheduler as the call set it (timesteps, begin index), before any step.
         self.schedulers: list["Scheduler"] = [copy.deepcopy(call.scheduler) for _ in self.batches]
         self._layouts: dict[int, tuple[int, BranchLayout]] = {}
+        # The weights never change during a call: each cell's total is computed once.
+        self.count = coverage(plan, self.canvas)
+        if float(self.count.min()) <= 0:
+            empty = int((self.count <= 0).sum())
+            raise PluginError(owner, f"the views leave {empty} of the canvas's {h * w} latent cells without weight")
 
     def _layout(self, batch: ViewBatch, base: BranchLayout) -> BranchLayout:
         cached = self._layouts.get(batch.index)
@@ -245,7 +253,7 @@ class ViewRunner:
         call = self.call
         canvas = step.latents
         sums: dict[str, torch.Tensor] = {}
-        count = torch.zeros(1, 1, *canvas.shape[-2:], device=canvas.device, dtype=canvas.dtype)
+        count = self.count.to(canvas.device, canvas.dtype)
         saved = (call.step, call.layout, call._loop_scheduler)
         assert saved[1] is not None, "views run once prompts are encoded"
         try:
@@ -254,9 +262,7 @@ class ViewRunner:
                                       num_steps=step.num_steps, loop=step.loop, view=batch)
                 call.step, call.layout, call._loop_scheduler = view_step, self._layout(batch, saved[1]), scheduler
                 denoise(view_step)
-                weight = batch.view_weights(canvas)
-                batch.add_into(count, weight)
-                weight = weight.repeat_interleave(batch.rows, dim=0)
+                weight = batch.view_weights(canvas).repeat_interleave(batch.rows, dim=0)
                 for name in ("latents", "prediction", "pred_original"):
                     value = getattr(view_step, name)
                     if value is not None:
