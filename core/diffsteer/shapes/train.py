@@ -504,15 +504,16 @@ def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = pr
         tmp.write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
     log(f"recipe: {recipe.model_dump(mode='json')} on {device}")
     if start is not None:
-        return _continue_from(work, out, recipe, Path(start), log)
-    if not recipe.bind_steps:
+        stage5 = _recorded_start(work, recipe, Path(start), log)
+    elif not recipe.bind_steps:
         model = train_stage5(work, recipe, out / "model", log, device=device, threads=threads)
         log(f"model written to {model} ({recipe.ship_dtype})")
         return model
-    stage5 = work / "stage5-model"
-    if not (stage5 / "model_index.json").is_file():
-        train_stage5(work, recipe, stage5, log, device=device, threads=threads)
-        log(f"stage-5 model written to {stage5} ({recipe.ship_dtype})")
+    else:
+        stage5 = work / "stage5-model"
+        if not (stage5 / "model_index.json").is_file():
+            train_stage5(work, recipe, stage5, log, device=device, threads=threads)
+            log(f"stage-5 model written to {stage5} ({recipe.ship_dtype})")
     parts = bind_models(work, recipe, stage5, log)
     # The VAE goes back to the dtype it was packaged in, bit for bit.
     model = _ship(out / "model", recipe, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
@@ -521,8 +522,9 @@ def train_shapes(out: Path, recipe: ShapesRecipe = ShapesRecipe(), log: Log = pr
     return model
 
 
-def _continue_from(work: Path, out: Path, recipe: ShapesRecipe, start: Path, log: Log) -> Path:
-    """Stage 6 alone, from the model folder ``start`` (recorded, so a resume from another model is refused)."""
+def _recorded_start(work: Path, recipe: ShapesRecipe, start: Path, log: Log) -> Path:
+    """``start``, the model folder stage 6 fine-tunes in place of stages 1-5, recorded in ``work`` so that a
+    resume from another model is refused."""
     if not recipe.bind_steps:
         raise ValueError("--from fine-tunes a model with stage 6, and this recipe has bind_steps 0: set --bind-steps")
     if not (start / "model_index.json").is_file():
@@ -533,8 +535,5 @@ def _continue_from(work: Path, out: Path, recipe: ShapesRecipe, start: Path, log
         raise ValueError(f"{start_file}: this folder continues another model; use a new --out")
     with atomic_file(start_file) as tmp:
         tmp.write_text(json.dumps(record))
-    parts = bind_models(work, recipe, start, log)
-    model = _ship(out / "model", recipe, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
-                  tokenizer=parts.tokenizer)
-    log(f"model written to {model} ({recipe.ship_dtype}), fine-tuned from {start}")
-    return model
+    log(f"stages 1-5 skipped: stage 6 fine-tunes {start}")
+    return start
