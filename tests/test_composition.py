@@ -7,7 +7,7 @@ measured on its own axis while the other four stay in the call:
   diamonds, the word "shape" in its place does not;
 * controlnet: the position: the object's centroid lands on the outline control's centre;
 * sega: "+red" turns the prompt's blue object red;
-* prompt-weighting: the prompt's colour against SEGA's: "(blue)0.6" yields to "+red", "(blue)1.4" holds;
+* prompt-weighting: the prompt's colour against SEGA's: "(blue)0.8" yields to "+red", "(blue)1.4" holds;
 * sag: the latents' high-frequency energy (their distance to their own SAG blur) goes down.
 
 The prompt is one the world's captions could hold ("a blue <diamond> on a white background"): an object of two
@@ -56,7 +56,7 @@ def diamond_rate(images: list) -> float:
 class Run:
     """One call over N seeds with the given plugins: images, latents and the per-axis measures."""
 
-    def __init__(self, pipe, plugins, *, blue="(blue)0.6", thing="<diamond>") -> None:
+    def __init__(self, pipe, plugins, *, blue="(blue)0.8", thing="<diamond>") -> None:
         prompt = TEMPLATE.format(blue=blue, thing=thing)
         gens = [torch.Generator().manual_seed(s) for s in SEEDS]
         self.latents = pipe([prompt] * N, num_inference_steps=STEPS, generator=gens, plugins=plugins,
@@ -122,14 +122,16 @@ def test_all_five_in_one_call_each_keep_their_effect(runs):
           f"{r['no ti'].diamonds():.2f} with 'shape' and no token")
     print(f"  controlnet: within 4 px of the control {r['all'].near_control():.2f}, without it "
           f"{r['no cn'].near_control():.2f}")
-    print(f"  prompt-weighting: red share {share['all'].mean():.2f} with (blue)0.6, {share['blue up'].mean():.2f} with "
-          f"(blue)1.4 (higher with 0.6 in {(share['all'] > share['blue up']).sum()}/{N})")
+    print(f"  prompt-weighting: red share {share['all'].mean():.2f} with (blue)0.8, {share['blue up'].mean():.2f} with "
+          f"(blue)1.4 (higher with 0.8 in {(share['all'] > share['blue up']).sum()}/{N})")
     print(f"  sega +red: red share {share['all'].mean():.2f}, without sega {share['no sega'].mean():.2f} "
           f"(higher with sega in {(share['all'] > share['no sega']).sum()}/{N})")
     print(f"  sag: latent HF energy {r['all'].hf.mean():.4f}, without sag {r['no sag'].hf.mean():.4f} "
           f"(lower with sag in {(r['all'].hf < r['no sag'].hf).sum()}/{N})")
-    # Measured: diamonds 1.00 vs 0.00; near 1.00 vs 0.00; red share 1.00 vs 0.00 (12/12) with (blue)0.6 against
-    # (blue)1.4 and 1.00 vs 0.00 (12/12) with sega; HF energy 0.135 vs 0.176 (12/12).
+    # Measured: diamonds 0.75 vs 0.00; near 1.00 vs 0.08; red share 1.00 vs 0.28 (12/12) with (blue)0.8 against
+    # (blue)1.4 and 1.00 vs 0.03 (12/12) with sega; HF energy 0.170 vs 0.203 (12/12). The stack asked for
+    # "(blue)0.6" on the stage-6 model; on stage 7 that weight already lost to the colour-open prior (red share
+    # 0.75 without sega), and 0.8 keeps the object blue without sega (0.03) while still yielding to "+red".
     assert r["all"].diamonds() >= r["no ti"].diamonds() + 0.2
     assert r["all"].near_control() >= 0.6 and r["all"].near_control() >= r["no cn"].near_control() + 0.4
     assert share["all"].mean() - share["blue up"].mean() >= 0.15 and (share["all"] > share["blue up"]).sum() >= 9

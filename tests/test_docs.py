@@ -259,3 +259,19 @@ def test_pages_that_print_figures_state_them():
                  "sag.md", "textual-inversion.md", "loading.md", "schedulers.md", "shapes-model.md"]:
         stated = [line for lang, line, code in blocks(page) if lang == "text" and first_line(code) == PRINTS]
         assert stated, f"docs/{page} states no '# prints' block"
+
+
+def test_pictures_script_draws_every_picture(tmp_path):
+    """docs/pictures.py draws each page's before/after picture (here at two seeds), and each page shows its own."""
+    sys.path.insert(0, str(DOCS))
+    try:
+        pictures = importlib.import_module("pictures")
+    finally:
+        sys.path.remove(str(DOCS))
+    with contextlib.redirect_stdout(io.StringIO()):
+        pictures.main(["--seeds", "2", "--out", str(tmp_path)])
+    for name in pictures.PICTURES:
+        drawn = tmp_path / f"{name}.png"
+        assert drawn.exists() and not list(tmp_path.glob("*.tmp*")), name
+        assert f"](img/{name}.png)" in (DOCS / f"{name}.md").read_text(), f"docs/{name}.md does not show its picture"
+        assert (DOCS / "img" / f"{name}.png").exists(), f"docs/img/{name}.png is missing: run python docs/pictures.py"

@@ -1,11 +1,11 @@
 """The new concept of the semantic tests: a diamond, a shape the shapes model never saw, in the shapes world's style.
 
-``python diamonds.py DIR`` writes the training set (PNG + caption .txt) that made ``data/diamond.safetensors``.
+``python diamonds.py DIR --n 32 --colour-open 16`` writes the training set (PNG + caption .txt) that made
+``data/diamond.safetensors``.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +19,12 @@ BACKGROUNDS = ("white", "black")
 CANDIDATES = ("circle", "square", "triangle", "diamond")
 
 
-def diamond_set(n: int = 16, seed: int = 0, token: str = "<diamond>") -> tuple[list[Image.Image], list[str]]:
-    """``n`` 64x64 scenes of one diamond (every colour on both backgrounds) and their captions."""
+def diamond_set(
+    n: int = 16, seed: int = 0, token: str = "<diamond>", colour_open: int = 0
+) -> tuple[list[Image.Image], list[str]]:
+    """``n`` 64x64 scenes of one diamond (every colour on both backgrounds) and their captions; the last
+    ``colour_open`` captions leave the colour out ("a <diamond> on a black background"), so that a token learned
+    from them also draws diamonds when the prompt does not name a colour."""
     rng = np.random.default_rng(seed)
     images, captions = [], []
     for i in range(n):
@@ -28,7 +32,8 @@ def diamond_set(n: int = 16, seed: int = 0, token: str = "<diamond>") -> tuple[l
         obj = ShapeObject("diamond", colour, float(rng.uniform(0.35, 0.65)), float(rng.uniform(0.35, 0.65)),
                           float(rng.uniform(0.18, 0.28)))
         images.append(render(Scene([obj], background)))
-        captions.append(f"a {colour} {token} on a {background} background")
+        named = i < n - colour_open
+        captions.append(f"a {colour + ' ' if named else ''}{token} on a {background} background")
     return images, captions
 
 
@@ -48,8 +53,15 @@ def diamond_rate(images: list[Image.Image]) -> float:
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write diamond scenes and their captions ({} for the token)")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--n", type=int, default=16, help="scenes")
+    parser.add_argument("--colour-open", type=int, default=0, help="how many captions leave the colour out")
+    args = parser.parse_args()
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    for k, (im, cap) in enumerate(zip(*diamond_set(token="{}"))):
+    for k, (im, cap) in enumerate(zip(*diamond_set(args.n, token="{}", colour_open=args.colour_open))):
         im.save(out / f"{k:02d}.png")
         (out / f"{k:02d}.txt").write_text(cap + "\n")

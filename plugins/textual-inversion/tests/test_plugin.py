@@ -149,10 +149,10 @@ def test_shipped_embeddings_resolve_by_name_from_any_directory(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)  # not the checkout: the name must not depend on where the user runs
     assert "diamond" in SHIPPED
     token, vectors = read_embedding("diamond")
-    assert token == "<diamond>" and vectors.ndim == 2 and vectors.shape[0] == 1
+    assert token == "<diamond>" and vectors.ndim == 2 and vectors.shape[0] == 2  # the shipped token has two vectors
     assert torch.equal(vectors, read_embedding(shipped_embedding("diamond"))[1])
-    assert TextualInversion(embeddings=["diamond"]).tokens == {"<diamond>": 1}
-    assert TextualInversion(embeddings=[{"path": "diamond", "token": "<gem>"}]).tokens == {"<gem>": 1}
+    assert TextualInversion(embeddings=["diamond"]).tokens == {"<diamond>": 2}
+    assert TextualInversion(embeddings=[{"path": "diamond", "token": "<gem>"}]).tokens == {"<gem>": 2}
     # A path in the working directory wins over the shipped name of the same spelling.
     write_embedding(tmp_path / "diamond" / "learned_embeds.safetensors", "<mine>", torch.ones(3))
     assert TextualInversion(embeddings=["diamond"]).tokens == {"<mine>": 1}
