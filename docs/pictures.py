@@ -64,7 +64,7 @@ def shapes_grid(pipe: Pipeline, seeds: list[int]) -> Image.Image:
 def sega(pipe: Pipeline, seeds: list[int]) -> Image.Image:
     from diffsteer_sega import Sega
 
-    prompt = "a large square on a black background"
+    prompt = "a square on a black background"
     concept = {"prompt": "red", "guidance_scale": 5, "warmup_steps": 2, "threshold": 0.9}
     return grid([
         (f"{prompt}\n(no SEGA)", _same_seeds(pipe, prompt, seeds)),
@@ -136,6 +136,7 @@ def save(image: Image.Image, path: Path) -> None:
     os.close(fd)
     try:
         image.save(tmp, format="PNG", optimize=True)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a picture in the docs is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
