@@ -52,7 +52,7 @@ def test_captions_are_followed(shapes_pipe):
     print("\n" + score.table())
     assert score.colour >= 0.95
     assert score.shape >= 0.85
-    # the card: 94.4% on 72 prompts (both backgrounds; 76.4% before the two-object fine-tune); here 91.7% on 24,
+    # the card: 95.8% on 72 prompts (stage 7; 94.4% on stage 6, 76.4% before the two-object fine-tune); here on 24,
     # which vary by about ±9 points
     assert score.two_object >= 0.8
     assert score.background >= 0.97
@@ -61,14 +61,16 @@ def test_captions_are_followed(shapes_pipe):
 
 def test_strict_figures(shapes_pipe):
     """The strict evaluator (issue 14) on a small sample of the tests' own seeds. The reported figures come from
-    `diffsteer eval shapes --strict` on fresh seeds. On these 60 images the v1 model is clean on 21 of 24 single
-    objects, 10 of 12 positioned ones, 2 of 12 colour-open ones and none of 12 pairs; the floors sit a few images
-    under that, to be raised with a better model."""
+    `diffsteer eval shapes --strict` on fresh seeds. On these 60 images the stage-6 model was clean on 21 of 24
+    single objects, 10 of 12 positioned ones, 2 of 12 colour-open ones and none of 12 pairs; the shipped stage 7 is
+    clean on 23 of 24, 11 of 12, 6 of 12 and 2 of 12, background 60 of 60. The floors sit two images under that."""
     score = score_strict(shapes_pipe, n_single=24, n_double=12, n_open=12, n_position=12, seed_base=EVAL_SEED_BASE)
     print("\n" + score.table())
-    assert score.clean("single") >= 0.75
-    assert score.clean("position") >= 0.65
-    assert score.background >= 0.95
+    assert score.clean("single") >= 0.875
+    assert score.clean("position") >= 0.75
+    assert score.clean("open") >= 0.33
+    assert score.clean("double") > 0
+    assert score.background >= 0.96
 
 
 def test_bf16_stays_close_to_fp32(shapes_pipe):
