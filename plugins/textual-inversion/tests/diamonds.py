@@ -1,7 +1,7 @@
 """The new concept of the semantic tests: a diamond, a shape the shapes model never saw, in the shapes world's style.
 
-``python diamonds.py DIR --n 32 --colour-open 16`` writes the training set (PNG + caption .txt) that made
-``data/diamond.safetensors``.
+``python diamonds.py DIR`` writes the training set (16 PNGs + caption .txt files) that made
+``data/diamond.safetensors``; ``--n 32 --colour-open 16`` writes the colour-open variant that was tried and not kept.
 """
 
 from __future__ import annotations
