@@ -12,14 +12,13 @@ picture at two seeds to keep this script working.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from PIL import Image, ImageDraw
 
 from diffsteer import Pipeline
+from diffsteer.atomic import atomic_file
 
 STEPS = 20
 SCALE = 2  # 64 px images shown at 128 px
@@ -130,17 +129,9 @@ PICTURES: dict[str, Callable[[Pipeline, list[int]], Image.Image]] = {
 
 
 def save(image: Image.Image, path: Path) -> None:
-    """Write through a temporary file in the same folder, so an interrupted run leaves no half-written PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    """Write the PNG atomically (``diffsteer.atomic``), so an interrupted run leaves no half-written picture."""
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG", optimize=True)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a picture in the docs is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -270,8 +270,8 @@ def test_pictures_script_draws_every_picture(tmp_path):
         sys.path.remove(str(DOCS))
     with contextlib.redirect_stdout(io.StringIO()):
         pictures.main(["--seeds", "2", "--out", str(tmp_path)])
+    # every picture, and nothing else: no temporary left beside them
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{name}.png" for name in pictures.PICTURES)
     for name in pictures.PICTURES:
-        drawn = tmp_path / f"{name}.png"
-        assert drawn.exists() and not list(tmp_path.glob("*.tmp*")), name
         assert f"](img/{name}.png)" in (DOCS / f"{name}.md").read_text(), f"docs/{name}.md does not show its picture"
         assert (DOCS / "img" / f"{name}.png").exists(), f"docs/img/{name}.png is missing: run python docs/pictures.py"

@@ -10,9 +10,10 @@ mismatch. Measured while writing the test (16 images, 20 DDIM steps): seed 0: 0.
 were 0.5 and 0.4 more than without; they are 0.4 and 0.35 now, because seed 0 sits at 0.5 on this model and a
 floor equal to the measured figure leaves no room for one image.
 
-Known weak: the generated "diamonds" are pointed, kite-like blobs rather than crisp squares on a corner (their
-template mismatch is 0.20 vs 0.04 for rendered diamonds); the model's UNet has little room for a form it never
-drew, and one token vector can only steer it toward the nearest one it can draw.
+Known weak: the generated "diamonds" are rounded squares turned onto a corner rather than crisp rhombi (the
+classifier calls many of them circles by a margin of about 0.01; on the stage-4 model they were kite-like blobs
+with a template mismatch of 0.20 vs 0.04 for rendered diamonds); the model's UNet has little room for a form it
+never drew, and two token vectors can only steer it toward the nearest one it can draw.
 """
 
 from __future__ import annotations
