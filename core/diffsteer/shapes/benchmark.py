@@ -62,6 +62,7 @@ def generate(
     guidance_scale: float = 7.5,
     batch: int = 24,
     progress: Optional[Callable[[int, int], None]] = None,
+    guidance_rescale: float = 0.0,
 ) -> Iterator[tuple[Any, str]]:
     """(image, prompt) for each prompt, the i-th generated with seed ``seed_base + i`` in batches of ``batch``."""
     import torch
@@ -69,7 +70,8 @@ def generate(
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed_base + start + i) for i in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens).images
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale,
+                      guidance_rescale=guidance_rescale, generator=gens).images
         yield from zip(images, chunk)
         if progress:
             progress(min(start + batch, len(prompts)), len(prompts))
