@@ -70,8 +70,9 @@ def generate(
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed_base + start + i) for i in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale,
-                      guidance_rescale=guidance_rescale, generator=gens).images
+        # only when asked, so that pipe-like callables without the argument still work
+        extra = {"guidance_rescale": guidance_rescale} if guidance_rescale else {}
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, **extra).images
         yield from zip(images, chunk)
         if progress:
             progress(min(start + batch, len(prompts)), len(prompts))
