@@ -7,7 +7,7 @@ Run (after ``pip install -e .``)::
 
 It asks whether a sampling setting, rather than training, would lift the strict figures of
 ``diffsteer eval shapes --strict``: the first ``--double`` two-object, ``--single`` single-object and ``--open``
-colour-open prompts of the strict evaluation, on its fresh seeds, DDIM 20 steps, one table row per setting.
+colour-open prompts of the strict evaluation (``score_strict``, its fresh seeds), DDIM 20 steps, a row per setting.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import collections
 import torch
 
 from diffsteer import Pipeline
-from diffsteer.shapes.benchmark import STRICT_SEED_BASE, generate, strict_prompts
-from diffsteer.shapes.strict import evaluate_strict
+from diffsteer.shapes.benchmark import score_strict
 
 SETTINGS = ((4.0, 0.0), (7.5, 0.0), (10.0, 0.0), (7.5, 0.7), (12.0, 0.7))
 
@@ -34,21 +33,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = Pipeline.from_pretrained(args.model)
-    kinds = strict_prompts(args.single, args.double, args.open, 0)
     order = ("double", "single", "open")
     print("| CFG scale | guidance rescale | " + " | ".join(order) + " | most common failure of pairs |")
     print("|---|---|" + "---|" * (len(order) + 1))
     for scale, rescale in SETTINGS:
-        cells, pair_fails = [], collections.Counter()
-        for kind in order:
-            prompts = kinds[kind]
-            # same seeds per prompt in every row, so rows differ only by the setting
-            images = generate(pipe, prompts, STRICT_SEED_BASE, guidance_scale=scale, guidance_rescale=rescale)
-            verdicts = [evaluate_strict(img, p) for img, p in images]
-            cells.append(f"{sum(bool(v['clean']) for v in verdicts)} / {len(prompts)}")
-            if kind == "double":
-                for v in verdicts:
-                    pair_fails.update(k for k, ok in v.items() if ok is False and k not in ("clean", "flawless"))
+        # the evaluation's own prompts and seeds in every row, so rows differ only by the setting
+        score = score_strict(pipe, n_single=args.single, n_double=args.double, n_open=args.open, n_position=0,
+                             guidance_scale=scale, guidance_rescale=rescale)
+        cells = [f"{sum(bool(v['clean']) for v in score.strict[k])} / {len(score.strict[k])}" for k in order]
+        pair_fails = collections.Counter(
+            k for v in score.strict["double"] for k, ok in v.items() if ok is False and k not in ("clean", "flawless")
+        )
         worst = ", ".join(f"{k} {n}" for k, n in pair_fails.most_common(2))
         print(f"| {scale} | {rescale} | " + " | ".join(cells) + f" | {worst} |", flush=True)
 

@@ -70,9 +70,8 @@ def generate(
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed_base + start + i) for i in range(len(chunk))]
-        # only when asked, so that pipe-like callables without the argument still work
-        extra = {"guidance_rescale": guidance_rescale} if guidance_rescale else {}
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, **extra).images
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale,
+                      guidance_rescale=guidance_rescale, generator=gens).images
         yield from zip(images, chunk)
         if progress:
             progress(min(start + batch, len(prompts)), len(prompts))
@@ -245,6 +244,7 @@ def score_strict(
     batch: int = 24,
     seed_base: int = STRICT_SEED_BASE,
     progress: Optional[Callable[[int, int], None]] = None,
+    guidance_rescale: float = 0.0,
 ) -> StrictScore:
     """Generate one image per prompt of :func:`strict_prompts` (seed ``seed_base + i``; the default, fresh seeds no
     test tuned on, is what reported figures use) and judge each with both the old and the strict evaluator."""
@@ -253,7 +253,7 @@ def score_strict(
     judged = [
         (evaluate_caption(img, p), evaluate_strict(img, p))
         for img, p in generate(pipe, prompts, seed_base, steps=steps, guidance_scale=guidance_scale,
-                               batch=batch, progress=progress)
+                               guidance_rescale=guidance_rescale, batch=batch, progress=progress)
     ]
     score, start = StrictScore({}, {}), 0
     for key, rows in kinds.items():
