@@ -304,6 +304,27 @@ def test_extra_branch_is_batched_and_residuals_follow_every_branch(pipe):
     assert not torch.allclose(out, run(pipe, num_inference_steps=2))
 
 
+def test_guidance_terms_sum_the_same_whatever_the_plugin_order(pipe):
+    """The terms are summed in the order of the plugins' names: listing the plugins the other way round gives
+    bit-identical latents (a different float rounding could flip a later threshold, such as SEGA's mask)."""
+
+    def term_plugin(label: str, scale: float) -> Plugin:
+        class Term(Plugin):
+            name = label
+
+            @hookimpl
+            def diffsteer_guidance(self, call, step, predictions):
+                return scale * (predictions["cond"] - predictions["uncond"]) + scale**2 * predictions["cond"]
+
+        return Term()
+
+    a, b, c = term_plugin("alpha", 0.37), term_plugin("beta", -0.213), term_plugin("gamma", 1.7e-3)
+    forward = run(pipe, [a, b, c], output_type="latent")
+    assert torch.equal(forward, run(pipe, [c, b, a], output_type="latent"))
+    assert torch.equal(forward, run(pipe, [b, c, a], output_type="latent"))
+    assert not torch.allclose(forward, run(pipe, [a, b], output_type="latent"))
+
+
 def test_residual_with_wrong_rows_is_refused_naming_plugin(pipe):
     class Bad(Plugin):
         name = "bad-residual"

@@ -343,7 +343,8 @@ def diffsteer_guidance(
     Receives: ``predictions`` per branch (``uncond`` is absent when guidance is off).
     May change: nothing; it may run extra UNet passes through ``call.predict``.
     Returns: a tensor shaped like one branch's prediction, added to the guided prediction (terms from
-    all plugins are summed), or ``None``.
+    all plugins are summed, in the order of the plugins' names so that the list order does not change the
+    rounding), or ``None``.
     """
 
 

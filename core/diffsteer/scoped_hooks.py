@@ -178,16 +178,22 @@ class ScopedHooks:
         return guided
 
     def guidance(self, step: "StepState", predictions: "BranchPredictions") -> list[torch.Tensor]:
-        if not self.masks:
+        """The active plugins' additive terms, each confined to its plugin's region, ordered by plugin name.
+
+        The hooks run in list order; the terms come back sorted by name (stable), so that their float sum, and
+        with it any threshold a later step takes on the latents (SEGA's percentile mask), does not depend on the
+        order the plugins were listed in. Only two plugins of the same name keep their list order."""
+        each = self._each("diffsteer_guidance", step)
+        if len(each) <= 1 and not self.masks:
             return list(self.relay(step).diffsteer_guidance(call=self.call, step=step, predictions=predictions))
-        terms = []
-        for plugin, caller in self._each("diffsteer_guidance", step):
+        terms: list[tuple[str, torch.Tensor]] = []
+        for plugin, caller in each:
             mask = self._mask(plugin, step.view)
             for term in caller(call=self.call, step=step, predictions=predictions):
                 if mask is not None:
                     term = term * latent_mask(mask, term)
-                terms.append(term)
-        return terms
+                terms.append((plugin_label(plugin), term))
+        return [term for _, term in sorted(terms, key=lambda named: named[0])]
 
     # -- attention patches ------------------------------------------------------------------------------------
     def collect_patches(self) -> list[tuple[Plugin, AttentionPatch]]:
