@@ -19,7 +19,7 @@ from diffsteer import DiffsteerError
 from diffsteer.cli import main, read_parameters
 from diffsteer.errors import DiffsteerWarning
 
-TI_DIAMOND = "diamond"  # the embedding shipped with the textual-inversion plugin
+TI_WEDGE = "wedge"  # the embedding shipped with the textual-inversion plugin
 HUGE = str(2**20)  # a million pixels a side: no machine holds its activations
 LONG = "a red circle on the left and " * 12 + "a blue square"
 P = "a red circle"
@@ -101,7 +101,7 @@ WARNINGS = [
      "without the 'prompt-weighting' plugin"),
     ("compel-weights", "a red++ circle", [], {}, "weighting syntax 'd++'"),
     ("unknown-words", "a purple elephant", [], {}, "this model was not trained on 'purple', 'elephant'"),
-    ("undefined-token", "a red <diamond>", [], {}, "<diamond>, which no plugin defines"),
+    ("undefined-token", "a red <wedge>", [], {}, "<wedge>, which no plugin defines"),
     ("size-far-from-native", "a red circle", ["--height", "128", "--width", "128"], dict(height=128, width=128),
      "128x128 is 16x the area of this model's native 32x32"),
 ]
@@ -216,9 +216,9 @@ def test_a_defined_token_is_not_reported(shapes_pipe):
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        shapes_pipe("a red <diamond>", num_inference_steps=1, seed=0, output_type="latent",
-                    plugins=[TextualInversion(embeddings=[TI_DIAMOND])])
-    assert not any("<diamond>" in str(w.message) for w in record)
+        shapes_pipe("a red <wedge>", num_inference_steps=1, seed=0, output_type="latent",
+                    plugins=[TextualInversion(embeddings=[TI_WEDGE])])
+    assert not any("<wedge>" in str(w.message) for w in record)
 
 
 def test_ctrl_c_exits_130_and_keeps_the_earlier_file(tiny_sd1, workdir, capsys, monkeypatch):

@@ -5,7 +5,7 @@
 * weighting syntax (``(red:1.5)``, ``(red)1.5``, ``red++``) with no plugin that encodes prompts is read as
   literal text;
 * on a closed-vocabulary model (the shapes world), words it was never trained on carry no meaning;
-* an angle-bracket token (``<diamond>``) that no plugin added is read as plain text.
+* an angle-bracket token (``<wedge>``) that no plugin added is read as plain text.
 
 Each is a :class:`~diffsteer.errors.DiffsteerWarning`, raised once per call, after the plugins' setup (where
 textual inversion adds its tokens).

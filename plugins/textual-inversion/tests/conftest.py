@@ -12,5 +12,5 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# diamonds.py (the semantic tests' concept and evaluator) sits next to the tests.
+# concepts.py (the semantic tests' concepts and evaluator) sits next to the tests.
 sys.path.insert(0, str(Path(__file__).parent))

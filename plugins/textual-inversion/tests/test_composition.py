@@ -16,7 +16,7 @@ from diffsteer.testing import branch_recorder
 from diffsteer_prompt_weighting import PromptWeighting
 from diffsteer_sega import Sega
 from diffsteer_textual_inversion import TextualInversion
-from diamonds import diamond_rate
+from concepts import shape_rate
 
 N, STEPS = 16, 20
 
@@ -35,28 +35,28 @@ def colour_fraction(images, colour):
 def test_learned_token_and_sega_concept_each_keep_their_effect(shapes_pipe):
     """Colour left open: the token decides the form, SEGA "+green" the colour.
 
-    Measured (16 images, 20 steps, seed 0): diamond rate 0.0 without the token, 0.75 with it, 1.0 with it and
-    SEGA; green 0.0 with the token alone (15 of 16 come out red, the model's colour for open prompts on white),
-    1.0 with SEGA. SEGA edits the top 30 % of the latent (threshold 0.7). Thresholds leave ~0.35-0.5 of room.
+    Measured on the shipped stage-8 model (16 images, 20 steps, seed 0): triangle rate 0.0 without the token
+    ("a shape": squares and circles), 1.0 with it, 0.94 with it and SEGA; green 0.0 with the token alone (0.125
+    for "a shape"), 0.875 with SEGA. SEGA edits the top 30 % of the latent
+    (threshold 0.7). Thresholds leave 0.4-0.5 of room.
 
-    On the stage-6 model this test used a black background and "+red"; on stage 7 open prompts on black come out
-    as a green frame along two borders or a small green blob (the token's diamond rate there is 0.06), so the
-    test moved to white. "+blue" on white did not recolour the token's red diamonds (16 of 16 stayed red): noted
-    in docs/textual-inversion.md, not tested.
+    History: until stage 7 the token was ``<diamond>`` (diamond rate 0.0 / 0.75 / 1.0, green 0.0 / 1.0 there). On
+    the stage-6 model the test used a black background and "+red"; on stage 7 open prompts on black came out as a
+    green frame along two borders or a small green blob, so the test moved to white.
     """
-    prompt = ["a <diamond> on a white background"] * N
-    ti = TextualInversion(embeddings=["diamond"])
+    prompt = ["a <wedge> on a white background"] * N
+    ti = TextualInversion(embeddings=["wedge"])
     green = Sega(concepts=[dict(prompt="green", guidance_scale=5.0, warmup_steps=2, threshold=0.7)])
     base = shapes_pipe(["a shape on a white background"] * N, num_inference_steps=STEPS, seed=0).images
     alone = shapes_pipe(prompt, num_inference_steps=STEPS, seed=0, plugins=[ti]).images
     both = shapes_pipe(prompt, num_inference_steps=STEPS, seed=0, plugins=[ti, green]).images
-    figures = {name: (diamond_rate(ims), colour_fraction(ims, "green")) for name, ims in
+    figures = {name: (shape_rate(ims, "triangle"), colour_fraction(ims, "green")) for name, ims in
                (("no plugins ('a shape')", base), ("textual-inversion", alone), ("textual-inversion + sega +green", both))}
-    print("\n" + "\n".join(f"{k}: diamond {d:.3f}, green {g:.3f}" for k, (d, g) in figures.items()))
-    (d_base, _), (d_alone, g_alone), (d_both, g_both) = figures.values()
-    assert d_alone >= d_base + 0.25, "the token draws diamonds"
+    print("\n" + "\n".join(f"{k}: triangle {t:.3f}, green {g:.3f}" for k, (t, g) in figures.items()))
+    (t_base, _), (t_alone, g_alone), (t_both, g_both) = figures.values()
+    assert t_alone >= t_base + 0.5, "the token draws triangles"
     assert g_both >= g_alone + 0.3 and g_both >= 0.5, "SEGA's +green still works beside the token"
-    assert d_both >= d_base + 0.25, "the token still draws diamonds under SEGA"
+    assert t_both >= t_base + 0.5, "the token still draws triangles under SEGA"
 
 
 def test_sega_concept_may_be_the_learned_token(tiny_pipe):

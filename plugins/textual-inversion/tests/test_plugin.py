@@ -147,16 +147,16 @@ def test_bad_files_name_the_plugin_and_file(tmp_path, tiny_pipe):
 
 def test_shipped_embeddings_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not the checkout: the name must not depend on where the user runs
-    assert "diamond" in SHIPPED
-    token, vectors = read_embedding("diamond")
-    assert token == "<diamond>" and vectors.ndim == 2 and vectors.shape[0] == 2  # the shipped token has two vectors
-    assert torch.equal(vectors, read_embedding(shipped_embedding("diamond"))[1])
-    assert TextualInversion(embeddings=["diamond"]).tokens == {"<diamond>": 2}
-    assert TextualInversion(embeddings=[{"path": "diamond", "token": "<gem>"}]).tokens == {"<gem>": 2}
+    assert "wedge" in SHIPPED
+    token, vectors = read_embedding("wedge")
+    assert token == "<wedge>" and vectors.ndim == 2 and vectors.shape[0] == 2  # the shipped token has two vectors
+    assert torch.equal(vectors, read_embedding(shipped_embedding("wedge"))[1])
+    assert TextualInversion(embeddings=["wedge"]).tokens == {"<wedge>": 2}
+    assert TextualInversion(embeddings=[{"path": "wedge", "token": "<gem>"}]).tokens == {"<gem>": 2}
     # A path in the working directory wins over the shipped name of the same spelling.
-    write_embedding(tmp_path / "diamond" / "learned_embeds.safetensors", "<mine>", torch.ones(3))
-    assert TextualInversion(embeddings=["diamond"]).tokens == {"<mine>": 1}
-    with pytest.raises(PluginError, match="textual-inversion.*'?ruby'?.*not found.*shipped: diamond"):
+    write_embedding(tmp_path / "wedge" / "learned_embeds.safetensors", "<mine>", torch.ones(3))
+    assert TextualInversion(embeddings=["wedge"]).tokens == {"<mine>": 1}
+    with pytest.raises(PluginError, match="textual-inversion.*'?ruby'?.*not found.*shipped: wedge"):
         TextualInversion(embeddings=["ruby"])
 
 

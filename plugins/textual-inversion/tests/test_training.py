@@ -14,7 +14,7 @@ from diffsteer.schedulers import make_scheduler
 from diffsteer.training import training_target
 from diffsteer_textual_inversion import read_embedding
 from diffsteer_textual_inversion.train import EMBEDS_FILE, to_pixels, train_embedding
-from diamonds import diamond_set
+from concepts import concept_set
 
 TOKEN = "<diamond>"
 
@@ -42,7 +42,7 @@ def token_loss(parts, vectors: torch.Tensor, images, captions) -> float:
 
 
 def test_only_the_token_rows_learn_and_its_loss_falls(tmp_path):
-    images, captions = diamond_set(8, seed=1, token=TOKEN)
+    images, captions = concept_set("diamond", 8, seed=1, token=TOKEN)
     before = load_pipeline_parts("shapes")
     emb_before = before.text_encoder.get_input_embeddings().weight.clone()
     path, result, trainer = train_embedding("shapes", images, captions, tmp_path, token=TOKEN, init_token="square",
@@ -75,7 +75,7 @@ def test_only_the_token_rows_learn_and_its_loss_falls(tmp_path):
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
-    images, captions = diamond_set(4, seed=2, token=TOKEN)
+    images, captions = concept_set("diamond", 4, seed=2, token=TOKEN)
     kw = dict(token=TOKEN, init_token="square", num_vectors=2)
     cfg = dict(batch_size=2, lr=2e-2, checkpoint_every=2)
     whole, r_whole, _ = train_embedding("shapes", images, captions, tmp_path / "a", config=dict(steps=4, **cfg), **kw)
@@ -87,7 +87,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
 
 
 def test_cli_trains_and_writes_a_loadable_embedding(tmp_path, capsys):
-    images, _ = diamond_set(2, seed=3)
+    images, _ = concept_set("diamond", 2, seed=3)
     folder = tmp_path / "images"
     folder.mkdir()
     for k, im in enumerate(images):
@@ -101,7 +101,7 @@ def test_cli_trains_and_writes_a_loadable_embedding(tmp_path, capsys):
 
 
 def test_bad_training_input_is_refused(tmp_path):
-    images, captions = diamond_set(2, token=TOKEN)
+    images, captions = concept_set("diamond", 2, token=TOKEN)
     with pytest.raises(PluginError, match="init-token 'a large' is 2 tokens"):
         train_embedding("shapes", images, captions, tmp_path, token=TOKEN, init_token="a large", config=dict(steps=1))
     with pytest.raises(PluginError, match="'red' is already in the tokenizer"):

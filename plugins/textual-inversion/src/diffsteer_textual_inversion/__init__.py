@@ -7,8 +7,8 @@ ones with ``diffsteer train textual-inversion`` (:mod:`diffsteer_textual_inversi
 >>> from diffsteer import Pipeline                                                       # doctest: +SKIP
 >>> from diffsteer_textual_inversion import TextualInversion                             # doctest: +SKIP
 >>> pipe = Pipeline.from_pretrained("shapes", scheduler="ddim")                          # doctest: +SKIP
->>> ti = TextualInversion(embeddings=["diamond"])   # the shipped <diamond>; or a file  # doctest: +SKIP
->>> pipe("a red <diamond>", plugins=[ti], seed=0)                                        # doctest: +SKIP
+>>> ti = TextualInversion(embeddings=["wedge"])     # the shipped <wedge>; or a file    # doctest: +SKIP
+>>> pipe("a red <wedge>", plugins=[ti], seed=0)                                          # doctest: +SKIP
 
 The tokens never touch the pipeline's shared tokenizer or text encoder: the core gives each call a token table
 (``call.add_tokens``) that its tokenizer and encoder views read, so concurrent calls with different embeddings
@@ -42,7 +42,7 @@ class Embedding(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: Path = Field(description="a diffusers or A1111 embedding file, a folder holding learned_embeds.*, or the "
-                                   "name of a shipped embedding ('diamond')")
+                                   "name of a shipped embedding ('wedge')")
     token: Optional[str] = Field(None, min_length=1, description="the prompt token; None: the file's own")
 
 
@@ -149,8 +149,8 @@ def load_textual_inversion(pipe: Any, path: Union[str, Path, Mapping[str, torch.
     file's. The pipeline's models are not changed (the token lives in ``pipe.tokens``). Returns the tokens added.
 
     Example:
-        >>> load_textual_inversion(pipe, "runs/diamond", token="<diamond>")   # doctest: +SKIP
-        ['<diamond>']
+        >>> load_textual_inversion(pipe, "runs/star", token="<star>")   # doctest: +SKIP
+        ['<star>']
     """
     if isinstance(path, Mapping):
         items = dict(path) if token is None else {token: v for v in path.values()}

@@ -8,7 +8,7 @@ Layouts read:
   as A1111 uses it.
 
 A folder stands for the ``learned_embeds.safetensors`` (else ``learned_embeds.bin``) inside it; a bare name
-with no suffix that is not a file here (``"diamond"``) is an embedding shipped with the plugin (``SHIPPED``).
+with no suffix that is not a file here (``"wedge"``) is an embedding shipped with the plugin (``SHIPPED``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
 PathLike = Union[str, "os.PathLike[str]"]
 DATA = Path(__file__).resolve().parent / "data"
 #: Embeddings shipped with the plugin, by short name (``data/<name>.safetensors``, diffusers layout):
-#: ``"diamond"`` is the token ``<diamond>``, learned on the shipped shapes model (data/README.md says how).
-SHIPPED = ("diamond",)
+#: ``"wedge"`` is the token ``<wedge>``, learned on the shipped shapes model (data/README.md says how).
+SHIPPED = ("wedge",)
 
 
 def shipped_embedding(name: str) -> Path:

@@ -36,7 +36,7 @@ class TokenSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    token: str = Field(min_length=1, description="the new token, e.g. '<diamond>'")
+    token: str = Field(min_length=1, description="the new token, e.g. '<wedge>'")
     init_token: str = Field(min_length=1, description="an existing one-token word whose embedding starts the new rows")
     num_vectors: int = Field(1, ge=1, le=75, description="vectors of the token (diffusers: <x> <x>_1 ...)")
 
@@ -206,7 +206,7 @@ def train_embedding(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``diffsteer train textual-inversion``."""
-    parser.add_argument("--token", required=True, help='the new token, e.g. "<diamond>"')
+    parser.add_argument("--token", required=True, help='the new token, e.g. "<wedge>"')
     parser.add_argument("--init-token", required=True, help="a one-token word the new embedding starts from")
     parser.add_argument("--images", required=True, help="folder of images (NAME.txt next to an image: its caption)")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, final/, learned_embeds.safetensors)")
