@@ -98,8 +98,8 @@ def textual_inversion(pipe: Pipeline, seeds: list[int]) -> Image.Image:
 
     return grid([
         ("a red shape\n(no token)", _same_seeds(pipe, "a red shape", seeds)),
-        ("a red <diamond>\n(shipped embedding)",
-         _same_seeds(pipe, "a red <diamond>", seeds, plugins=[TextualInversion(embeddings=["diamond"])])),
+        ("a red <wedge>\n(shipped embedding)",
+         _same_seeds(pipe, "a red <wedge>", seeds, plugins=[TextualInversion(embeddings=["wedge"])])),
     ])
 
 
