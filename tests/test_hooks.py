@@ -324,6 +324,21 @@ def test_guidance_terms_sum_the_same_whatever_the_plugin_order(pipe):
     assert torch.equal(forward, run(pipe, [b, c, a], output_type="latent"))
     assert not torch.allclose(forward, run(pipe, [a, b], output_type="latent"))
 
+    # A wrapper on the hook still sees every term (the terms then stay in list order).
+    seen = []
+
+    class Watch(Plugin):
+        name = "watch"
+
+        @hookimpl(wrapper=True)
+        def diffsteer_guidance(self, call, step, predictions):
+            terms = yield
+            seen.append(len(terms))
+            return terms
+
+    run(pipe, [a, b, Watch()], output_type="latent")
+    assert seen == [2, 2, 2]
+
 
 def test_residual_with_wrong_rows_is_refused_naming_plugin(pipe):
     class Bad(Plugin):

@@ -344,7 +344,7 @@ def diffsteer_guidance(
     May change: nothing; it may run extra UNet passes through ``call.predict``.
     Returns: a tensor shaped like one branch's prediction, added to the guided prediction (terms from
     all plugins are summed, in the order of the plugins' names so that the list order does not change the
-    rounding), or ``None``.
+    rounding; in list order when a wrapper wraps this hook), or ``None``.
     """
 
 

@@ -182,9 +182,11 @@ class ScopedHooks:
 
         The hooks run in list order; the terms come back sorted by name (stable), so that their float sum, and
         with it any threshold a later step takes on the latents (SEGA's percentile mask), does not depend on the
-        order the plugins were listed in. Only two plugins of the same name keep their list order."""
+        order the plugins were listed in. Two plugins of the same name keep their list order, and so do all terms
+        when a wrapper wraps the hook (it sees the whole result list, which only the one hook call gives it)."""
         each = self._each("diffsteer_guidance", step)
-        if len(each) <= 1 and not self.masks:
+        wrapped = any(is_wrapper(i) for i in self.call.hook.diffsteer_guidance.get_hookimpls())
+        if not self.masks and (len(each) <= 1 or wrapped):
             return list(self.relay(step).diffsteer_guidance(call=self.call, step=step, predictions=predictions))
         terms: list[tuple[str, torch.Tensor]] = []
         for plugin, caller in each:
