@@ -37,8 +37,8 @@ def test_learned_token_and_sega_concept_each_keep_their_effect(shapes_pipe):
 
     Measured on the shipped stage-8 model (16 images, 20 steps, seed 0): triangle rate 0.0 without the token
     ("a shape": squares and circles), 1.0 with it, 0.94 with it and SEGA; green 0.0 with the token alone (0.125
-    for "a shape"), 0.875 with SEGA. SEGA edits the top 30 % of the latent
-    (threshold 0.7). Thresholds leave 0.4-0.5 of room.
+    for "a shape"), 0.875 with SEGA. SEGA edits the top 30 % of the latent (threshold 0.7). The thresholds leave
+    0.375 to 0.5 of room.
 
     History: until stage 7 the token was ``<diamond>`` (diamond rate 0.0 / 0.75 / 1.0, green 0.0 / 1.0 there). On
     the stage-6 model the test used a black background and "+red"; on stage 7 open prompts on black came out as a
