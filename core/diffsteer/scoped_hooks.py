@@ -63,6 +63,7 @@ class ScopedHooks:
                 self.masks[id(p)] = mask.to(call.device)
                 self._refuse_unconfinable(p)
         self._relays: dict[frozenset, Any] = {}
+        self._alone: dict[tuple[str, int], Any] = {}
         self._cropped: dict[tuple[int, int], torch.Tensor] = {}
 
     def _refuse_unconfinable(self, plugin: Plugin) -> None:
@@ -115,8 +116,11 @@ class ScopedHooks:
         for impl in impls:
             plugin = impl.plugin
             if self.active(plugin, step):
-                others = [p for p in self.plugins if p is not plugin]
-                out.append((plugin, self.call.pm.subset_hook_caller(hook, remove_plugins=others)))
+                key = (hook, id(plugin))
+                if key not in self._alone:  # the per-step hooks ask for the same callers every step
+                    others = [p for p in self.plugins if p is not plugin]
+                    self._alone[key] = self.call.pm.subset_hook_caller(hook, remove_plugins=others)
+                out.append((plugin, self._alone[key]))
         return out
 
     def each(self, hook: str) -> list[tuple[Plugin, Any]]:
@@ -184,12 +188,11 @@ class ScopedHooks:
         with it any threshold a later step takes on the latents (SEGA's percentile mask), does not depend on the
         order the plugins were listed in. Two plugins of the same name keep their list order, and so do all terms
         when a wrapper wraps the hook (it sees the whole result list, which only the one hook call gives it)."""
-        each = self._each("diffsteer_guidance", step)
-        wrapped = any(is_wrapper(i) for i in self.call.hook.diffsteer_guidance.get_hookimpls())
-        if not self.masks and (len(each) <= 1 or wrapped):
+        impls = self.call.hook.diffsteer_guidance.get_hookimpls()
+        if not self.masks and (len(impls) <= 1 or any(is_wrapper(i) for i in impls)):
             return list(self.relay(step).diffsteer_guidance(call=self.call, step=step, predictions=predictions))
         terms: list[tuple[str, torch.Tensor]] = []
-        for plugin, caller in each:
+        for plugin, caller in self._each("diffsteer_guidance", step):
             mask = self._mask(plugin, step.view)
             for term in caller(call=self.call, step=step, predictions=predictions):
                 if mask is not None:
