@@ -142,9 +142,15 @@ def test_from_a_model_runs_stage_6_alone_and_refuses_another_start(tmp_path, cap
 
     out = tmp_path / "run"
     argv = ["train", "shapes", "--out", str(out), "--from", "shapes", "--bind-steps", "2", "--threads", "1",
-            "--set", "bind_n_images=64", "--set", "unet_batch_size=4", "--set", "bind_warmup_steps=0"]
+            "--set", "bind_n_images=64", "--set", "unet_batch_size=4", "--set", "bind_warmup_steps=0",
+            "--set", 'timestep_sampling="logit_normal"', "--set", "timestep_logit_mean=0.5"]
     assert main(argv) == 0
     capsys.readouterr()
+    # the recipe's timestep sampling reaches the trainer of every stage that ran
+    states = [json.loads(p.read_text())["config"] for p in out.glob("work/*/checkpoints/*/trainer_state.json")]
+    assert states and all(
+        (c["timestep_sampling"], c["timestep_logit_mean"]) == ("logit_normal", 0.5) for c in states
+    )
     start, model = resolve_model("shapes"), out / "model"
     for part in ("vae/diffusion_pytorch_model.safetensors", "tokenizer/tokenizer.json"):
         assert (model / part).read_bytes() == (start / part).read_bytes(), part

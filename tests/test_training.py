@@ -42,7 +42,7 @@ from diffsteer.training import (
     lr_factor,
     training_target,
 )
-from diffsteer.training.randomness import DataOrder, draw_rows
+from diffsteer.training.randomness import DataOrder, TimestepSampling, draw_rows
 
 HERE = Path(__file__).resolve().parent
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
@@ -178,6 +178,29 @@ def test_row_draws_depend_on_seed_step_and_key_only():
     assert 0.07 < many.drop_caption.float().mean() < 0.13
     assert many.timesteps.min() >= 0 and many.timesteps.max() <= 999
 
+
+
+def test_logit_normal_timesteps_follow_their_distribution_and_uniform_runs_are_unchanged():
+    keys = torch.arange(4000)
+    skewed = draw_rows(1, 0, keys, (1,), 1000, 0.1, TimestepSampling("logit_normal", 0.5, 1.0)).timesteps
+    assert skewed.min() >= 0 and skewed.max() <= 999
+    # P(t < 1000 u) = Phi(logit(u) - mean) for std 1: the empirical CDF must match it at every decile.
+    normal = torch.distributions.Normal(0.0, 1.0)
+    for u in torch.linspace(0.1, 0.9, 9, dtype=torch.float64):
+        expected = normal.cdf(torch.logit(u) - 0.5).item()
+        assert abs((skewed < 1000 * u).double().mean().item() - expected) < 0.025, float(u)
+    # ... which puts about half the steps in [600, 900) where uniform puts 30 %, and 9 % below 300.
+    assert 0.45 < ((skewed >= 600) & (skewed < 900)).float().mean() < 0.54
+    assert 0.06 < (skewed < 300).float().mean() < 0.12
+    # The default draws exactly what a uniform run always drew: one randint per row, first in its stream.
+    default = draw_rows(1, 0, keys[:50], (1,), 1000, 0.1)
+    explicit = draw_rows(1, 0, keys[:50], (1,), 1000, 0.1, TimestepSampling("uniform"))
+    assert torch.equal(default.timesteps, explicit.timesteps) and torch.equal(default.noise, explicit.noise)
+    assert not torch.equal(default.timesteps, skewed[:50])
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        TrainConfig(steps=1, batch_size=1, timestep_sampling="cubic")
+    with pytest.raises(ValueError, match="timestep_logit_std"):
+        TrainConfig(steps=1, batch_size=1, timestep_logit_std=0.0)
 
 def test_data_order_shuffles_each_epoch_and_reads_unbounded_data_in_order():
     order = DataOrder(seed=0, rows_per_step=4, size=8)
@@ -344,6 +367,16 @@ def test_resume_after_interruption_equals_the_uninterrupted_run(tok_dir, tmp_pat
     changed_cfg = {**RESUME_CFG, "lr": 5e-4, "steps": 9}
     with pytest.raises(TrainingError, match=r"config changed \(lr: checkpoint 0.001, now 0.0005\)"):
         make_trainer(tok_dir, tmp_path / "cut", **changed_cfg).train(resume=True)
+    skewed_cfg = {**RESUME_CFG, "timestep_sampling": "logit_normal", "steps": 9}
+    with pytest.raises(TrainingError, match=r"timestep_sampling: checkpoint 'uniform', now 'logit_normal'"):
+        make_trainer(tok_dir, tmp_path / "cut", **skewed_cfg).train(resume=True)
+    # A checkpoint written before a trajectory field existed ran with its default, and resumes.
+    state_file = max((tmp_path / "cut" / "checkpoints").iterdir()) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("timestep_sampling", "timestep_logit_mean", "timestep_logit_std"):
+        del state["config"][key]
+    state_file.write_text(json.dumps(state))
+    assert make_trainer(tok_dir, tmp_path / "cut", **{**RESUME_CFG, "steps": 9}).train(resume=True).steps == 9
 
 
 def test_a_failed_checkpoint_write_leaves_no_partial_directory(tok_dir, tmp_path, monkeypatch):

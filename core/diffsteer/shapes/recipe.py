@@ -48,6 +48,10 @@ class ShapesRecipe(BaseModel):
     unet_object_weight: float = Field(0.0, ge=0)
     #: bf16 autocast for the UNet and text-encoder passes (the trainer's ``mixed_precision``).
     mixed_precision: Literal["no", "bf16"] = "no"
+    #: How the UNet stages draw training timesteps (the trainer's ``timestep_sampling`` and its parameters).
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = Field(1.0, gt=0)
     #: "train" trains the VAE (stage 2); "packaged" takes the VAE shipped in the package (its weights and
     #: scaling factor), so the latent space the plugins' shipped networks were trained on stays the same.
     vae_source: Literal["train", "packaged"] = "train"

@@ -284,7 +284,8 @@ def _train_jointly(
         steps=steps, batch_size=recipe.unet_batch_size, lr=lr, warmup_steps=warmup_steps, lr_schedule="cosine",
         ema_decay=recipe.unet_ema_decay, caption_dropout=recipe.caption_dropout, seed=seed,
         train_text_encoder=True, checkpoint_every=recipe.checkpoint_every, log_every=50, progress=False,
-        mixed_precision=recipe.mixed_precision,
+        mixed_precision=recipe.mixed_precision, timestep_sampling=recipe.timestep_sampling,
+        timestep_logit_mean=recipe.timestep_logit_mean, timestep_logit_std=recipe.timestep_logit_std,
     )
     # The data lives where the UNet does: one gather per step, no host-to-device copy.
     device = next(unet.parameters()).device

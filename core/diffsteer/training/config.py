@@ -24,6 +24,9 @@ TRAJECTORY_FIELDS = (
     "max_grad_norm",
     "train_text_encoder",
     "mixed_precision",
+    "timestep_sampling",
+    "timestep_logit_mean",
+    "timestep_logit_std",
 )
 
 
@@ -59,6 +62,13 @@ class TrainConfig(BaseModel):
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="clip the global gradient norm; None: off")
     train_text_encoder: bool = Field(False, description="train the text encoder too (default parameter set)")
     mixed_precision: Literal["no", "bf16"] = Field("no", description="autocast the forward passes to bf16")
+    timestep_sampling: Literal["uniform", "logit_normal"] = Field(
+        "uniform",
+        description="how training timesteps are drawn: uniformly, or t/T = sigmoid(N(mean, std)) (Esser et al. "
+        "2024, SD3), which spends the steps on the noise levels the mean selects (> 0: noisier)",
+    )
+    timestep_logit_mean: float = Field(0.0, description="logit_normal only: mean of the normal before the sigmoid")
+    timestep_logit_std: float = Field(1.0, gt=0, description="logit_normal only: its standard deviation")
     checkpoint_every: Optional[int] = Field(
         None, ge=1, description="steps between checkpoints; the last step always gets one"
     )

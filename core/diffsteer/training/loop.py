@@ -38,7 +38,7 @@ from .errors import TrainingError
 from .loss import TrainOutputs, row_mse, training_target
 from .lr_schedule import lr_factor
 from .params import ParamGroup, as_group, name_parameters
-from .randomness import DataOrder, draw_rows, seed_global_rngs
+from .randomness import DataOrder, TimestepSampling, draw_rows, seed_global_rngs
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -107,6 +107,9 @@ class DiffusionTrainer:
         vae: Optional["AutoencoderKL"] = None,
     ) -> None:
         self.config = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(dict(config))
+        self._timesteps = TimestepSampling(
+            self.config.timestep_sampling, self.config.timestep_logit_mean, self.config.timestep_logit_std
+        )
         self.unet, self.text_encoder, self.tokenizer, self.vae = unet, text_encoder, tokenizer, vae
         self.scheduler, self.data, self.out_dir = scheduler, data, Path(out_dir)
         self.process = ddp.init_distributed(self.device)
@@ -426,13 +429,17 @@ class DiffusionTrainer:
         T = self.scheduler.config.num_train_timesteps
         if "latents" in batch:
             latents = batch["latents"].to(device=device, dtype=torch.float32)
-            draws = draw_rows(cfg.seed, self.step, batch["keys"], latents.shape[1:], T, cfg.caption_dropout)
+            draws = draw_rows(
+                cfg.seed, self.step, batch["keys"], latents.shape[1:], T, cfg.caption_dropout, self._timesteps
+            )
             return latents, draws
         assert self.vae is not None
         with torch.no_grad():
             posterior = self.vae.encode(batch["pixel_values"].to(device=device, dtype=self.vae.dtype))
         mean, std = posterior.mean.float(), posterior.std.float()
-        draws = draw_rows(cfg.seed, self.step, batch["keys"], mean.shape[1:], T, cfg.caption_dropout)
+        draws = draw_rows(
+            cfg.seed, self.step, batch["keys"], mean.shape[1:], T, cfg.caption_dropout, self._timesteps
+        )
         # The posterior sample uses each row's own generator, after its other draws.
         eps = torch.stack([torch.randn(tuple(mean.shape[1:]), generator=g) for g in draws.generators]).to(device)
         return to_latent_space(self.vae, mean + std * eps), draws
@@ -464,9 +471,11 @@ class DiffusionTrainer:
         ckpt = read_checkpoint(path, map_location=self.device)
         saved_cfg = ckpt.state.get("config", {})
         mine = self.config.model_dump(mode="json")
-        differ = [f for f in TRAJECTORY_FIELDS if saved_cfg.get(f) != mine[f]]
+        # A checkpoint written before a field existed ran with that field's default.
+        saved = {f: saved_cfg.get(f, TrainConfig.model_fields[f].default) for f in TRAJECTORY_FIELDS}
+        differ = [f for f in TRAJECTORY_FIELDS if saved[f] != mine[f]]
         if differ:
-            detail = ", ".join(f"{f}: checkpoint {saved_cfg.get(f)!r}, now {mine[f]!r}" for f in differ)
+            detail = ", ".join(f"{f}: checkpoint {saved[f]!r}, now {mine[f]!r}" for f in differ)
             raise TrainingError(f"cannot resume from {path}: the config changed ({detail})")
         names = set(self.trainable)
         if set(ckpt.trainable) != names:

@@ -82,6 +82,29 @@ class DataOrder:
         return out
 
 
+@dataclass(frozen=True)
+class TimestepSampling:
+    """How a row's training timestep is drawn (``TrainConfig.timestep_sampling`` and its two parameters)."""
+
+    kind: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def draw(self, generator: torch.Generator, num_train_timesteps: int) -> torch.Tensor:
+        """One timestep in ``[0, num_train_timesteps)``, shape ``(1,)``, from ``generator``."""
+        if self.kind == "uniform":
+            return torch.randint(0, num_train_timesteps, (1,), generator=generator)
+        if self.kind != "logit_normal":
+            raise ValueError(f"unknown timestep sampling {self.kind!r}; use 'uniform' or 'logit_normal'")
+        z = torch.randn(1, generator=generator, dtype=torch.float64) * self.logit_std + self.logit_mean
+        # Flooring u * T gives each of the T integer timesteps the probability mass of its 1/T slice of u.
+        t = torch.floor(torch.sigmoid(z) * num_train_timesteps).long()
+        return t.clamp_(0, num_train_timesteps - 1)
+
+
+UNIFORM = TimestepSampling()
+
+
 @dataclass
 class RowDraws:
     """Per-row random draws of one micro-batch."""
@@ -99,16 +122,18 @@ def draw_rows(
     latent_shape: Sequence[int],
     num_train_timesteps: int,
     caption_dropout: float,
+    timesteps: TimestepSampling = UNIFORM,
 ) -> RowDraws:
     """Draw timestep, caption-dropout decision and noise for each row from ``(seed, step, key)``.
 
     The order of draws within a row is fixed (timestep, dropout, noise), so adding a draw later must go
-    after these to keep old runs reproducible.
+    after these to keep old runs reproducible. A non-uniform ``timesteps`` consumes a different amount of
+    the row's stream, so its noise differs from a uniform run's; uniform runs are unchanged.
     """
     ts, drops, noises, gens = [], [], [], []
     for key in keys.tolist():
         g = generator(seed, _ROW_STREAM, step, int(key))
-        ts.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        ts.append(timesteps.draw(g, num_train_timesteps))
         drops.append(torch.rand(1, generator=g) < caption_dropout)
         noises.append(torch.randn(tuple(latent_shape), generator=g))
         gens.append(g)
