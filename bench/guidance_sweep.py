@@ -19,6 +19,7 @@ import torch
 
 from diffsteer import Pipeline
 from diffsteer.shapes.benchmark import score_strict
+from diffsteer.shapes.strict import STRICT_CRITERIA
 
 SETTINGS = ((4.0, 0.0), (7.5, 0.0), (10.0, 0.0), (7.5, 0.7), (12.0, 0.7))
 
@@ -34,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = Pipeline.from_pretrained(args.model)
     order = ("double", "single", "open")
-    print("| CFG scale | guidance rescale | " + " | ".join(order) + " | most common failure of pairs |")
+    print("| CFG scale | guidance rescale | " + " | ".join(order) + " | most common failed criteria of pairs |")
     print("|---|---|" + "---|" * (len(order) + 1))
     for scale, rescale in SETTINGS:
         # the evaluation's own prompts and seeds in every row, so rows differ only by the setting
@@ -42,7 +43,7 @@ def main() -> None:
                              guidance_scale=scale, guidance_rescale=rescale)
         cells = [f"{sum(bool(v['clean']) for v in score.strict[k])} / {len(score.strict[k])}" for k in order]
         pair_fails = collections.Counter(
-            k for v in score.strict["double"] for k, ok in v.items() if ok is False and k not in ("clean", "flawless")
+            k for v in score.strict["double"] for k in STRICT_CRITERIA if v[k] is False
         )
         worst = ", ".join(f"{k} {n}" for k, n in pair_fails.most_common(2))
         print(f"| {scale} | {rescale} | " + " | ".join(cells) + f" | {worst} |", flush=True)

@@ -22,7 +22,7 @@ import torch
 
 from diffsteer import Pipeline
 from diffsteer.shapes.benchmark import STRICT_SEED_BASE, strict_prompts
-from diffsteer.shapes.strict import strict_verdict
+from diffsteer.shapes.strict import STRICT_CRITERIA, strict_verdict
 from diffsteer.shapes.world import render, scene_from_caption
 
 STRENGTHS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
@@ -39,7 +39,7 @@ def main() -> None:
     prompts = strict_prompts(n_single=0, n_double=args.double, n_open=0, n_position=0)["double"]
     # one rendered scene per prompt, the same in every row
     starts = [render(scene_from_caption(p, rng=i)) for i, p in enumerate(prompts)]
-    print("| img2img strength | clean pairs | most common failures |")
+    print("| img2img strength | clean pairs | most common failed criteria |")
     print("|---|---|---|")
     for strength in STRENGTHS:
         verdicts = [
@@ -48,7 +48,7 @@ def main() -> None:
             )
             for i, (p, start) in enumerate(zip(prompts, starts))
         ]
-        fails = collections.Counter(k for v in verdicts for k, ok in v.criteria.items() if ok is False)
+        fails = collections.Counter(k for v in verdicts for k in STRICT_CRITERIA if v.criteria[k] is False)
         worst = ", ".join(f"{k} {n}" for k, n in fails.most_common(2)) or "none"
         print(f"| {strength} | {sum(v.clean for v in verdicts)} / {len(verdicts)} | {worst} |", flush=True)
 
