@@ -63,7 +63,7 @@ def shapes_grid(pipe: Pipeline, seeds: list[int]) -> Image.Image:
 def sega(pipe: Pipeline, seeds: list[int]) -> Image.Image:
     from diffsteer_sega import Sega
 
-    prompt = "a square on a black background"
+    prompt = "a square on a white background"
     concept = {"prompt": "red", "guidance_scale": 5, "warmup_steps": 2, "threshold": 0.9}
     return grid([
         (f"{prompt}\n(no SEGA)", _same_seeds(pipe, prompt, seeds)),
