@@ -13,13 +13,11 @@ colour-open prompts of the strict evaluation (``score_strict``, its fresh seeds)
 from __future__ import annotations
 
 import argparse
-import collections
 
 import torch
 
 from diffsteer import Pipeline
-from diffsteer.shapes.benchmark import score_strict
-from diffsteer.shapes.strict import STRICT_CRITERIA
+from diffsteer.shapes.benchmark import failure_summary, score_strict
 
 SETTINGS = ((4.0, 0.0), (7.5, 0.0), (10.0, 0.0), (7.5, 0.7), (12.0, 0.7))
 
@@ -42,10 +40,7 @@ def main() -> None:
         score = score_strict(pipe, n_single=args.single, n_double=args.double, n_open=args.open, n_position=0,
                              guidance_scale=scale, guidance_rescale=rescale)
         cells = [f"{sum(bool(v['clean']) for v in score.strict[k])} / {len(score.strict[k])}" for k in order]
-        pair_fails = collections.Counter(
-            k for v in score.strict["double"] for k in STRICT_CRITERIA if v[k] is False
-        )
-        worst = ", ".join(f"{k} {n}" for k, n in pair_fails.most_common(2))
+        worst = failure_summary(score.strict["double"])
         print(f"| {scale} | {rescale} | " + " | ".join(cells) + f" | {worst} |", flush=True)
 
 

@@ -16,13 +16,12 @@ while it lays them out, at the noisiest timesteps, not while it draws the shapes
 from __future__ import annotations
 
 import argparse
-import collections
 
 import torch
 
 from diffsteer import Pipeline
-from diffsteer.shapes.benchmark import STRICT_SEED_BASE, strict_prompts
-from diffsteer.shapes.strict import STRICT_CRITERIA, strict_verdict
+from diffsteer.shapes.benchmark import STRICT_SEED_BASE, failure_summary, strict_prompts
+from diffsteer.shapes.strict import strict_verdict
 from diffsteer.shapes.world import render, scene_from_caption
 
 STRENGTHS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
@@ -48,8 +47,7 @@ def main() -> None:
             )
             for i, (p, start) in enumerate(zip(prompts, starts))
         ]
-        fails = collections.Counter(k for v in verdicts for k in STRICT_CRITERIA if v.criteria[k] is False)
-        worst = ", ".join(f"{k} {n}" for k, n in fails.most_common(2)) or "none"
+        worst = failure_summary(v.criteria for v in verdicts)
         print(f"| {strength} | {sum(v.clean for v in verdicts)} / {len(verdicts)} | {worst} |", flush=True)
 
 

@@ -8,9 +8,10 @@ prompt kind, colour-open prompts ("a circle") included.
 
 from __future__ import annotations
 
+import collections
 import itertools
 from dataclasses import dataclass
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Optional
 
 from .evaluate import evaluate_caption
@@ -217,6 +218,13 @@ class StrictScore:
             if any(c != "—" for c in cells):  # no row for a criterion no prompt names (size)
                 lines.append(f"| {criterion} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+
+def failure_summary(verdicts: Iterable[Mapping[str, Optional[bool]]], top: int = 2) -> str:
+    """The ``top`` criteria of :data:`STRICT_CRITERIA` that most ``verdicts`` (per-criterion dicts) fail, as
+    "count 25, shape 16"; blemishes do not decide clean and are left out. "none" when nothing fails."""
+    fails = collections.Counter(k for v in verdicts for k in STRICT_CRITERIA if v[k] is False)
+    return ", ".join(f"{k} {n}" for k, n in fails.most_common(top)) or "none"
 
 
 def strict_prompts(
