@@ -287,10 +287,33 @@ def test_strict_benchmark_kinds_seeds_and_table():
     assert "| background (every prompt) | 15 |" in table
     assert "| size |" not in table and "| count | 100.0% | 100.0% | 100.0% | 100.0% |" in table
     assert "| solid | 100.0% | 100.0% | 100.0% | 100.0% |" in table and "plain 100.0% | 100% |" in table
+    # the colour-open prompts' colours are the colours the renderer drew for them
+    from diffsteer.shapes.world import scene_from_caption
+
+    opens = strict_prompts(4, 4, 3, 4)["open"]
+    drawn = [scene_from_caption(p, s).objects[0].colour for p, s in zip(opens, model.seeds[8:11])]
+    assert score.open_colours == [(parse_caption(p).background, c) for p, c in zip(opens, drawn)]
+    assert "colours drawn for colour-open prompts (training scenes: each of 4 colours 25%)" in table
     model = _RendererAsModel()
     empty = score_strict(model, n_single=2, n_double=0, n_open=0, n_position=0, seed_base=EVAL_SEED_BASE).table()
+    assert "colour-open prompts" not in empty
     assert model.seeds == [EVAL_SEED_BASE, EVAL_SEED_BASE + 1]
     assert "| two objects | 0 | — | — | — | — | ≥ 85% |" in empty and "| count | 100.0% | — | — | — |" in empty
+
+
+def test_colour_prior_table_counts_colours_per_background():
+    from diffsteer.shapes.benchmark import StrictScore
+
+    score = StrictScore({}, {}, [("black", "red")] * 3 + [("black", None), ("white", "blue"), (None, "green"),
+                                                          (None, "yellow")])
+    table = score.colour_prior_table()
+    print(table)
+    assert "| background named | images | red | green | blue | yellow | no object | largest colour share |" in table
+    # the share is of the images that drew a coloured object: 3 of 3, not 3 of 4
+    assert "| black | 4 | 3 | 0 | 0 | 0 | 1 | red 100% |" in table
+    assert "| white | 1 | 0 | 0 | 1 | 0 | 0 | blue 100% |" in table
+    assert "| none | 2 | 0 | 1 | 0 | 1 | 0 | green 50% |" in table
+    assert StrictScore({}, {}, [("white", None)]).colour_prior_table().endswith("| white | 1 | 0 | 0 | 0 | 0 | 1 | — |")
 
 
 def test_cli_eval_strict(monkeypatch, capsys):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import collections
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Optional
 
 from .evaluate import evaluate_caption
-from .strict import BLEMISH_CRITERIA, STRICT_CRITERIA, evaluate_strict
-from .vocab import BACKGROUNDS, COLOURS, EXTRA_SHAPES, POSITION_PHRASE, POSITIONS, SHAPES
+from .strict import BLEMISH_CRITERIA, STRICT_CRITERIA, strict_verdict
+from .vocab import BACKGROUNDS, COLOURS, EXTRA_SHAPES, POSITION_PHRASE, POSITIONS, SHAPES, parse_caption
 
 EVAL_SEED_BASE = 10_000
 
@@ -166,10 +166,14 @@ def open_prompts(n: int) -> list[str]:
 
 @dataclass
 class StrictScore:
-    """Old and strict results per prompt kind (rows of :func:`evaluate_caption` and :func:`evaluate_strict` dicts)."""
+    """Old and strict results per prompt kind (rows of :func:`evaluate_caption` and :func:`evaluate_strict` dicts), and
+    the colours the colour-open prompts drew."""
 
     old: dict[str, list[dict[str, Any]]]
     strict: dict[str, list[dict[str, Any]]]
+    #: per colour-open image: the background its prompt names (None: none) and the colour of the object matched to
+    #: the prompt's (None: no object matched, or no hue)
+    open_colours: list[tuple[Optional[str], Optional[str]]] = field(default_factory=list)
 
     def clean(self, kind: str) -> float:
         """Fraction of a kind's images that are strictly clean."""
@@ -217,6 +221,31 @@ class StrictScore:
                 cells.append(f"{100 * rate(applies, criterion):.1f}%" if applies else "—")
             if any(c != "—" for c in cells):  # no row for a criterion no prompt names (size)
                 lines.append(f"| {criterion} | " + " | ".join(cells) + " |")
+        if self.open_colours:
+            lines += ["", self.colour_prior_table()]
+        return "\n".join(lines)
+
+    def colour_prior_table(self) -> str:
+        """Markdown: which colours the colour-open prompts drew, per background named. Clean counts any one colour as
+        right, so it cannot see a model that paints every "a circle" red; the training scenes' colours are uniform,
+        so a model that learned them draws each about equally often."""
+        lines = [
+            f"colours drawn for colour-open prompts (training scenes: each of {len(COLOURS)} colours "
+            f"{100 / len(COLOURS):.0f}%)",
+            "",
+            "| background named | images | " + " | ".join(COLOURS) + " | no object | largest colour share |",
+            "|---" * (len(COLOURS) + 4) + "|",
+        ]
+        for background in (*BACKGROUNDS, None):
+            drawn = [c for b, c in self.open_colours if b == background]
+            if not drawn:
+                continue
+            counts = collections.Counter(drawn)
+            coloured = len(drawn) - counts[None]
+            top = max(COLOURS, key=lambda c: counts[c])
+            share = f"{top} {100 * counts[top] / coloured:.0f}%" if coloured else "—"
+            lines.append(f"| {background or 'none'} | {len(drawn)} | " + " | ".join(str(counts[c]) for c in COLOURS)
+                         + f" | {counts[None]} | {share} |")
         return "\n".join(lines)
 
 
@@ -259,12 +288,17 @@ def score_strict(
     kinds = strict_prompts(n_single, n_double, n_open, n_position)
     prompts = [p for rows in kinds.values() for p in rows]
     judged = [
-        (evaluate_caption(img, p), evaluate_strict(img, p))
+        (evaluate_caption(img, p), strict_verdict(img, p))
         for img, p in generate(pipe, prompts, seed_base, steps=steps, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, batch=batch, progress=progress)
     ]
     score, start = StrictScore({}, {}), 0
     for key, rows in kinds.items():
         chunk, start = judged[start : start + len(rows)], start + len(rows)
-        score.old[key], score.strict[key] = [o for o, _ in chunk], [s for _, s in chunk]
+        score.old[key], score.strict[key] = [o for o, _ in chunk], [s.as_dict() for _, s in chunk]
+        if key == "open":
+            score.open_colours = [
+                (parse_caption(p).background, None if v.matched[0] is None else v.blobs[v.matched[0]].colour)
+                for p, (_, v) in zip(rows, chunk)
+            ]
     return score
