@@ -308,7 +308,7 @@ def test_colour_prior_table_counts_colours_per_background():
                                                           (None, "yellow")])
     table = score.colour_prior_table()
     print(table)
-    assert "| background named | images | red | green | blue | yellow | no object | largest colour share |" in table
+    assert "| background named | images | red | green | blue | yellow | no coloured object | largest colour share |" in table
     # the share is of the images that drew a coloured object: 3 of 3, not 3 of 4
     assert "| black | 4 | 3 | 0 | 0 | 0 | 1 | red 100% |" in table
     assert "| white | 1 | 0 | 0 | 1 | 0 | 0 | blue 100% |" in table

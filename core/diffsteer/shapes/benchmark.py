@@ -233,7 +233,7 @@ class StrictScore:
             f"colours drawn for colour-open prompts (training scenes: each of {len(COLOURS)} colours "
             f"{100 / len(COLOURS):.0f}%)",
             "",
-            "| background named | images | " + " | ".join(COLOURS) + " | no object | largest colour share |",
+            "| background named | images | " + " | ".join(COLOURS) + " | no coloured object | largest colour share |",
             "|---" * (len(COLOURS) + 4) + "|",
         ]
         for background in (*BACKGROUNDS, None):
