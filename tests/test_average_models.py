@@ -14,15 +14,15 @@ from safetensors.torch import load_file, save_file
 from diffsteer.loading.pipeline_loader import shipped_model_dir
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "average_models.py"
-WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
+_spec = importlib.util.spec_from_file_location("average_models", SCRIPT)
+average_models = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(average_models)
+WEIGHTS = average_models.WEIGHTS
 
 
 def _run(monkeypatch, *args: str) -> None:
-    spec = importlib.util.spec_from_file_location("average_models", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     monkeypatch.setattr(sys, "argv", ["average_models.py", *map(str, args)])
-    module.main()
+    average_models.main()
 
 
 @pytest.fixture
