@@ -128,6 +128,7 @@ def test_train_shapes_refuses_bad_recipe_options(tmp_path, capsys):
         (["--set", "unet_colour=3"], "expected FIELD=JSON with FIELD a recipe field"),
         (["--set", "unet_lr=fast"], "the value is not valid JSON"),
         (["--set", "unet_lr=-1"], "unet_lr"),
+        (["--set", "timestep_uniform_share=0.5"], "it needs timestep_sampling='logit_normal'"),
     ):
         assert main(["train", "shapes", "--out", str(tmp_path / "x"), *argv]) != 0, argv
         err = capsys.readouterr().err

@@ -202,6 +202,30 @@ def test_logit_normal_timesteps_follow_their_distribution_and_uniform_runs_are_u
     with pytest.raises(ValueError, match="timestep_logit_std"):
         TrainConfig(steps=1, batch_size=1, timestep_logit_std=0.0)
 
+def test_a_uniform_share_mixes_uniform_draws_into_the_logit_normal_and_zero_changes_nothing():
+    keys = torch.arange(6000)
+    mixed = draw_rows(2, 0, keys, (1,), 1000, 0.1, TimestepSampling("logit_normal", 0.5, 1.0, 0.5)).timesteps
+    assert mixed.min() >= 0 and mixed.max() <= 999
+    # The mixture's CDF is the average of the two parts': u for uniform, Phi(logit(u) - mean) for the other.
+    normal = torch.distributions.Normal(0.0, 1.0)
+    for u in torch.linspace(0.1, 0.9, 9, dtype=torch.float64):
+        expected = 0.5 * u.item() + 0.5 * normal.cdf(torch.logit(u) - 0.5).item()
+        assert abs((mixed < 1000 * u).double().mean().item() - expected) < 0.025, float(u)
+    # Half the rows uniform gives back about 20 % of the steps below 300 (logit-normal alone: 9 %).
+    assert 0.17 < (mixed < 300).float().mean() < 0.23
+    # Share 0 tosses no coin: the same draws, noise included, as a pure logit-normal run.
+    pure = draw_rows(2, 0, keys[:50], (1,), 1000, 0.1, TimestepSampling("logit_normal", 0.5, 1.0))
+    zero = draw_rows(2, 0, keys[:50], (1,), 1000, 0.1, TimestepSampling("logit_normal", 0.5, 1.0, 0.0))
+    assert torch.equal(pure.timesteps, zero.timesteps) and torch.equal(pure.noise, zero.noise)
+    # Share 1 is uniform in distribution (its rows toss the coin first, so not draw for draw).
+    every = draw_rows(2, 0, keys, (1,), 1000, 0.1, TimestepSampling("logit_normal", 3.0, 1.0, 1.0)).timesteps
+    assert abs((every < 300).float().mean().item() - 0.3) < 0.025
+    with pytest.raises(ValueError, match="timestep_uniform_share=0.5 .* needs timestep_sampling='logit_normal'"):
+        TrainConfig(steps=1, batch_size=1, timestep_uniform_share=0.5)
+    with pytest.raises(ValueError, match="timestep_uniform_share"):
+        TrainConfig(steps=1, batch_size=1, timestep_sampling="logit_normal", timestep_uniform_share=1.5)
+
+
 def test_data_order_shuffles_each_epoch_and_reads_unbounded_data_in_order():
     order = DataOrder(seed=0, rows_per_step=4, size=8)
     epoch0 = order.indices(0, range(4)) + order.indices(1, range(4))
@@ -373,7 +397,7 @@ def test_resume_after_interruption_equals_the_uninterrupted_run(tok_dir, tmp_pat
     # A checkpoint written before a trajectory field existed ran with its default, and resumes.
     state_file = max((tmp_path / "cut" / "checkpoints").iterdir()) / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    for key in ("timestep_sampling", "timestep_logit_mean", "timestep_logit_std"):
+    for key in ("timestep_sampling", "timestep_logit_mean", "timestep_logit_std", "timestep_uniform_share"):
         del state["config"][key]
     state_file.write_text(json.dumps(state))
     assert make_trainer(tok_dir, tmp_path / "cut", **{**RESUME_CFG, "steps": 9}).train(resume=True).steps == 9

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ShapesRecipe(BaseModel):
@@ -52,6 +52,7 @@ class ShapesRecipe(BaseModel):
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
     timestep_logit_mean: float = 0.0
     timestep_logit_std: float = Field(1.0, gt=0)
+    timestep_uniform_share: float = Field(0.0, ge=0, le=1)
     #: "train" trains the VAE (stage 2); "packaged" takes the VAE shipped in the package (its weights and
     #: scaling factor), so the latent space the plugins' shipped networks were trained on stays the same.
     vae_source: Literal["train", "packaged"] = "train"
@@ -99,6 +100,14 @@ class ShapesRecipe(BaseModel):
         if problem:
             raise ValueError(problem)
         return value
+
+    @model_validator(mode="after")
+    def _timestep_mixture(self) -> "ShapesRecipe":
+        # Checked here too, so that a bad --set fails before the scenes are rendered and encoded.
+        from ..training.config import check_timestep_mixture
+
+        check_timestep_mixture(self.timestep_sampling, self.timestep_uniform_share)
+        return self
 
     def scheduler_config(self) -> dict[str, Any]:
         """Zero terminal SNR, v-prediction, trailing timesteps (see docs/shapes-model.md for why)."""

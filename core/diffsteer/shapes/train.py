@@ -286,6 +286,7 @@ def _train_jointly(
         train_text_encoder=True, checkpoint_every=recipe.checkpoint_every, log_every=50, progress=False,
         mixed_precision=recipe.mixed_precision, timestep_sampling=recipe.timestep_sampling,
         timestep_logit_mean=recipe.timestep_logit_mean, timestep_logit_std=recipe.timestep_logit_std,
+        timestep_uniform_share=recipe.timestep_uniform_share,
     )
     # The data lives where the UNet does: one gather per step, no host-to-device copy.
     device = next(unet.parameters()).device

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
@@ -27,7 +27,18 @@ TRAJECTORY_FIELDS = (
     "timestep_sampling",
     "timestep_logit_mean",
     "timestep_logit_std",
+    "timestep_uniform_share",
 )
+
+
+def check_timestep_mixture(sampling: str, uniform_share: float) -> None:
+    """Raise ``ValueError`` if a uniform share is set without ``timestep_sampling='logit_normal'``."""
+    # A uniform share of a uniform draw is still uniform: a value there is a mistaken setting, not a no-op.
+    if uniform_share > 0 and sampling != "logit_normal":
+        raise ValueError(
+            f"timestep_uniform_share={uniform_share} mixes uniform draws into the logit-normal ones; it needs "
+            f"timestep_sampling='logit_normal' (got {sampling!r})"
+        )
 
 
 class TrainConfig(BaseModel):
@@ -69,12 +80,22 @@ class TrainConfig(BaseModel):
     )
     timestep_logit_mean: float = Field(0.0, description="logit_normal only: mean of the normal before the sigmoid")
     timestep_logit_std: float = Field(1.0, gt=0, description="logit_normal only: its standard deviation")
+    timestep_uniform_share: float = Field(
+        0.0, ge=0, le=1,
+        description="logit_normal only: the share of rows whose timestep is drawn uniformly instead, a mixture "
+        "that keeps some of uniform's low-noise steps while the logit-normal weights the noisy ones",
+    )
     checkpoint_every: Optional[int] = Field(
         None, ge=1, description="steps between checkpoints; the last step always gets one"
     )
     keep_checkpoints: Optional[int] = Field(2, ge=1, description="newest checkpoints kept; None keeps all")
     log_every: int = Field(10, ge=1, description="steps between log lines and progress-bar updates")
     progress: bool = Field(True, description="show a tqdm bar (main process only)")
+
+    @model_validator(mode="after")
+    def _share_needs_logit_normal(self) -> "TrainConfig":
+        check_timestep_mixture(self.timestep_sampling, self.timestep_uniform_share)
+        return self
 
     @property
     def rows_per_step(self) -> int:

@@ -108,7 +108,8 @@ class DiffusionTrainer:
     ) -> None:
         self.config = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(dict(config))
         self._timesteps = TimestepSampling(
-            self.config.timestep_sampling, self.config.timestep_logit_mean, self.config.timestep_logit_std
+            self.config.timestep_sampling, self.config.timestep_logit_mean, self.config.timestep_logit_std,
+            self.config.timestep_uniform_share,
         )
         self.unet, self.text_encoder, self.tokenizer, self.vae = unet, text_encoder, tokenizer, vae
         self.scheduler, self.data, self.out_dir = scheduler, data, Path(out_dir)

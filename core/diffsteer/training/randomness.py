@@ -84,11 +84,13 @@ class DataOrder:
 
 @dataclass(frozen=True)
 class TimestepSampling:
-    """How a row's training timestep is drawn (``TrainConfig.timestep_sampling`` and its two parameters)."""
+    """How a row's training timestep is drawn (``TrainConfig.timestep_sampling`` and its parameters)."""
 
     kind: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    #: logit_normal only: probability that a row draws uniformly instead (a two-part mixture).
+    uniform_share: float = 0.0
 
     def draw(self, generator: torch.Generator, num_train_timesteps: int) -> torch.Tensor:
         """One timestep in ``[0, num_train_timesteps)``, shape ``(1,)``, from ``generator``."""
@@ -96,6 +98,9 @@ class TimestepSampling:
             return torch.randint(0, num_train_timesteps, (1,), generator=generator)
         if self.kind != "logit_normal":
             raise ValueError(f"unknown timestep sampling {self.kind!r}; use 'uniform' or 'logit_normal'")
+        # The coin is only tossed for a mixture, so pure logit-normal runs draw what they always drew.
+        if self.uniform_share > 0 and torch.rand(1, generator=generator).item() < self.uniform_share:
+            return torch.randint(0, num_train_timesteps, (1,), generator=generator)
         z = torch.randn(1, generator=generator, dtype=torch.float64) * self.logit_std + self.logit_mean
         # Flooring u * T gives each of the T integer timesteps the probability mass of its 1/T slice of u.
         t = torch.floor(torch.sigmoid(z) * num_train_timesteps).long()
