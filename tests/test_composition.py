@@ -37,15 +37,17 @@ ROOT = Path(__file__).resolve().parents[1]
 WEDGE = "wedge"  # the embedding shipped with the textual-inversion plugin
 N, STEPS = 12, 15
 SEEDS = range(3000, 3000 + N)
-# Triangle outlines at spread-out places, at 0.35 strength: the control says where, the token says what. At full
+# Triangle outlines at spread-out places, at 0.2 strength: the control says where, the token says what. At full
 # strength the outline alone draws triangles (12/12 with "shape" in the token's place on stage 8), leaving the token
-# nothing to do; with stage 9's ControlNet half strength still drew 10/12 (token +0.17), and 0.35 draws 5/12 while
-# keeping 12/12 within 4 px.
+# nothing to do; with stage 9's ControlNet half strength still drew 10/12 (token +0.17), and 0.35 drew 5/12 while
+# keeping 12/12 within 4 px. With stage 12's ControlNet the outline alone draws 11/12 at 0.35 and 10/12 at 0.3 (token
+# +0.08, +0.17); 0.25 draws 6/12 but leaves SAG 2.3 % of HF energy (3.1 % at sag_scale 1.0); 0.2 draws 6/12, keeps
+# 8/12 within 4 px and every other effect (figures at the assertions).
 PLACES = [(0.3 + 0.4 * ((i * 5) % N) / (N - 1), 0.3 + 0.4 * ((i * 7) % N) / (N - 1)) for i in range(N)]
 OBJECTS = [ShapeObject("triangle", "red", x, y, 0.2) for x, y in PLACES]
 OUTLINES = [render_outline(Scene([o], "white")) for o in OBJECTS]
 CENTRES = np.array([o.centroid for o in OBJECTS]) * 64  # a triangle's centroid is a third of its size below the box's
-CONTROL_SCALE = 0.35
+CONTROL_SCALE = 0.2
 TEMPLATE = "a {blue} {thing} on a white background"
 
 
@@ -133,7 +135,8 @@ def test_all_five_in_one_call_each_keep_their_effect(runs):
           f"(higher with sega in {(share['all'] > share['no sega']).sum()}/{N})")
     print(f"  sag: latent HF energy {r['all'].hf.mean():.4f}, without sag {r['no sag'].hf.mean():.4f} "
           f"(lower with sag in {(r['all'].hf < r['no sag'].hf).sum()}/{N})")
-    # Measured on stage 9 at 0.35: triangles 1.00 vs 0.42; near 1.00 vs 0.17; red share 0.92 vs 0.08 (11/12) and
+    # Measured on stage 12 at 0.2: triangles 1.00 vs 0.50; near 0.67 vs 0.08; red share 0.91 vs 0.05 (12/12) and
+    # 0.91 vs 0.01 (12/12); HF energy 0.157 vs 0.166 (10/12). On stage 9 at 0.35: triangles 1.00 vs 0.42; near 1.00 vs 0.17; red share 0.92 vs 0.08 (11/12) and
     # 0.92 vs 0.00 (11/12); HF energy 0.183 vs 0.203 (12/12). On stage 8 at 0.5: triangles 1.00 vs 0.67; near 1.00
     # vs 0.00; red share 0.92 vs 0.13 (12/12) with (blue)0.8 against (blue)1.4 and 0.92 vs 0.00 (12/12) with sega; HF
     # energy 0.147 vs 0.157 (12/12). On stage 7, with the <diamond> token and diamond outlines at full strength:
