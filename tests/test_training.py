@@ -202,6 +202,7 @@ def test_logit_normal_timesteps_follow_their_distribution_and_uniform_runs_are_u
     with pytest.raises(ValueError, match="timestep_logit_std"):
         TrainConfig(steps=1, batch_size=1, timestep_logit_std=0.0)
 
+
 def test_a_uniform_share_mixes_uniform_draws_into_the_logit_normal_and_zero_changes_nothing():
     keys = torch.arange(6000)
     mixed = draw_rows(2, 0, keys, (1,), 1000, 0.1, TimestepSampling("logit_normal", 0.5, 1.0, 0.5)).timesteps
