@@ -140,7 +140,8 @@ def test_all_five_in_one_call_each_keep_their_effect(runs):
     # vs 0.17; red share 0.92 vs 0.08 (11/12) and 0.92 vs 0.00 (11/12); HF energy 0.183 vs 0.203 (12/12). On stage 8
     # at 0.5: triangles 1.00 vs 0.67; near 1.00 vs 0.00; red share 0.92 vs 0.13 (12/12) with (blue)0.8 against
     # (blue)1.4 and 0.92 vs 0.00 (12/12) with sega; HF energy 0.147 vs 0.157 (12/12). On stage 7, with the <diamond>
-    # token and diamond outlines at full strength: diamonds 0.75 vs 0.00; near 1.00 vs 0.08; red share 1.00 vs 0.28 and 1.00 vs 0.03; HF energy 0.170 vs 0.203.
+    # token and diamond outlines at full strength: diamonds 0.75 vs 0.00; near 1.00 vs 0.08; red share 1.00 vs 0.28
+    # and 1.00 vs 0.03; HF energy 0.170 vs 0.203.
     # The stack asked for "(blue)0.6" on the stage-6 model; on stage 7 that weight already lost to the colour-open
     # prior, and 0.8 keeps the object blue without sega while still yielding to "+red".
     assert r["all"].triangles() >= r["no ti"].triangles() + 0.2
