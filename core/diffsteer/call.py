@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar, Union, overload
 
 import pluggy
 import torch
@@ -49,6 +49,9 @@ class GenerationRequest:
     clip_skip: Optional[int]
     output_type: str
     seed: Optional[int]
+    #: classifier-free guidance acts only at timesteps ``t`` with ``lo <= t / T <= hi`` (``T``: the scheduler's
+    #: training timesteps); other steps take the conditional prediction alone (:meth:`guidance_scale_at`).
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
     #: ``(prompts, tokens, hidden)`` embeddings the caller passed instead of text (:mod:`diffsteer.prompt_embeds`);
     #: ``prompts`` then holds one ``""`` per row.
     prompt_embeds: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -58,6 +61,12 @@ class GenerationRequest:
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1.0
+
+    def guidance_scale_at(self, timestep: Union[int, torch.Tensor], num_train_timesteps: int) -> float:
+        """The classifier-free guidance scale at ``timestep``: ``guidance_scale`` inside
+        :attr:`guidance_interval`, 1 (the conditional prediction alone) outside it."""
+        lo, hi = self.guidance_interval
+        return self.guidance_scale if lo <= float(timestep) / num_train_timesteps <= hi else 1.0
 
 
 @dataclass
@@ -339,6 +348,12 @@ class GenerationCall:
         """``(batch, channels, h, w)`` of the call's latents (one row per image)."""
         f = self.vae_scale_factor
         return (self.batch_size, int(self.unet.config.out_channels), self.request.height // f, self.request.width // f)
+
+    def guidance_scale_at(self, step: "StepState") -> float:
+        """The main loop's classifier-free guidance scale at ``step`` (see
+        :meth:`GenerationRequest.guidance_scale_at`); a plugin that replaces the guidance formula reads it to
+        honour the request's ``guidance_interval``."""
+        return self.request.guidance_scale_at(step.timestep, int(self.scheduler.config.num_train_timesteps))
 
     @property
     def step_scheduler(self) -> Scheduler:

@@ -61,6 +61,17 @@ def dtype_name(text: str) -> str:
     return text
 
 
+def interval_arg(text: str) -> list[float]:
+    """``LO,HI`` as two floats (the range is checked with the call's other arguments)."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be two numbers LO,HI such as 0,0.6, got {text!r}") from None
+
+
 def _scheduler_names() -> str:
     from .schedulers.registry import scheduler_names
 
@@ -75,6 +86,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--guidance-scale", "guidance_scale", 7.5, "classifier-free guidance; 0 to 1 turn it off", type=float),
     Option("--guidance-rescale", "guidance_rescale", 0.0, "0 to 1: pull the guided prediction's spread back",
            type=float),
+    Option("--guidance-interval", "guidance_interval", None, "classifier-free guidance only at timesteps t with "
+           "LO <= t/T <= HI (T: training timesteps, 1000 in SD); 0,1 guides every step", type=interval_arg,
+           shown="the model's own", metavar="LO,HI"),
     Option("--height", "height", None, "image height in pixels", type=int, shown="the model's native size"),
     Option("--width", "width", None, "image width in pixels", type=int, shown="the model's native size"),
     Option("--seed", "seed", None, "0 to 2**64-1; always recorded in the image", type=int, shown="random"),
@@ -359,6 +373,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 num_inference_steps=params["steps"],
                 guidance_scale=params["guidance_scale"],
                 guidance_rescale=params.get("guidance_rescale", 0.0),
+                guidance_interval=params.get("guidance_interval"),
                 height=height,
                 width=width,
                 seed=params["seed"],

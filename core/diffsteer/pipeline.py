@@ -23,7 +23,7 @@ from .plugins import Plugin, PluginSpec, make_manager, plugin_label, resolve_plu
 from .prompt_checks import warn_about_prompts
 from .prompt_embeds import describe as describe_embeddings
 from .prompt_embeds import mismatch_error, per_image, prompt_inputs, refuse_prompt_encoders
-from .request_checks import check_arguments, check_prompts, check_size
+from .request_checks import check_arguments, check_guidance_interval, check_prompts, check_size
 from .schedulers import Scheduler, make_scheduler
 from .text import PromptEncoder, TokenTable, token_table_for
 from .views import plan_views
@@ -64,6 +64,7 @@ class Pipeline:
         scheduler: Scheduler,
         *,
         name: str = "",
+        guidance_interval: Sequence[float] = (0.0, 1.0),
     ) -> None:
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
@@ -71,6 +72,9 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.name = name
+        #: where classifier-free guidance acts when a call does not say (``guidance_interval`` of
+        #: :meth:`__call__`); a model folder may recommend one in its ``model_index.json``.
+        self.guidance_interval: tuple[float, float] = check_guidance_interval(guidance_interval)
         self.text = PromptEncoder(tokenizer, text_encoder)
         #: tokens every call of this pipeline knows (:meth:`add_tokens`); each call starts from a copy.
         self.tokens: TokenTable = token_table_for(tokenizer, text_encoder)
@@ -99,7 +103,8 @@ class Pipeline:
 
         parts = load_pipeline_parts(model, torch_dtype=torch_dtype, device=device, vae_dtype=vae_dtype)
         sched = make_scheduler(scheduler, parts.scheduler_config, **scheduler_overrides)
-        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, sched, name=parts.name)
+        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, sched, name=parts.name,
+                   guidance_interval=parts.guidance_interval)
 
     @classmethod
     def from_single_file(
@@ -126,7 +131,8 @@ class Pipeline:
             vae_dtype=vae_dtype,
         )
         sched = make_scheduler(scheduler, parts.scheduler_config, **scheduler_overrides)
-        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, sched, name=parts.name)
+        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, sched, name=parts.name,
+                   guidance_interval=parts.guidance_interval)
 
     def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:
         """Write the pipeline in the diffusers folder layout (diffusers can load it too)."""
@@ -135,6 +141,7 @@ class Pipeline:
         save_pipeline(
             folder, unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
             scheduler_config=self.scheduler.to_diffusers_config(),
+            guidance_interval=None if self.guidance_interval == (0.0, 1.0) else self.guidance_interval,
         )
 
     def save_single_file(self, path: Union[str, os.PathLike]) -> None:
@@ -149,7 +156,8 @@ class Pipeline:
     def with_scheduler(self, scheduler: str, **overrides: Any) -> "Pipeline":
         """A pipeline sharing these models with another scheduler (no weights are copied)."""
         sched = make_scheduler(scheduler, self.scheduler.to_diffusers_config(), **overrides)
-        pipe = Pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, sched, name=self.name)
+        pipe = Pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, sched, name=self.name,
+                        guidance_interval=self.guidance_interval)
         pipe.tokens = self.tokens
         return pipe
 
@@ -201,6 +209,7 @@ class Pipeline:
         progress: Optional[ProgressFn] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
+        guidance_interval: Optional[Sequence[float]] = None,
     ) -> PipelineOutput:
         """Generate images; parameters follow diffusers' ``StableDiffusionPipeline`` names.
 
@@ -208,12 +217,15 @@ class Pipeline:
         CPU generator; pass ``generator`` instead to share one. ``plugins`` run in the listed order.
         ``eta`` (DDIM) overrides the scheduler's own value for this call. ``prompt_embeds`` and
         ``negative_prompt_embeds`` (``(prompts, tokens, hidden)``, e.g. from compel) replace ``prompt`` and
-        ``negative_prompt``, as in diffusers (:mod:`diffsteer.prompt_embeds`).
+        ``negative_prompt``, as in diffusers (:mod:`diffsteer.prompt_embeds`). ``guidance_interval``
+        ``(lo, hi)`` applies classifier-free guidance only at timesteps ``t`` with ``lo <= t / T <= hi``
+        (Kynkäänniemi et al. 2024, arXiv 2404.07724); other steps take the conditional prediction alone.
+        ``None`` is the pipeline's :attr:`guidance_interval`: the model's recommendation, else ``(0, 1)``.
         """
         request = self._request(
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
             strength, num_images_per_prompt, output_type, eta, guidance_rescale, clip_skip, image,
-            prompt_embeds, negative_prompt_embeds,
+            prompt_embeds, negative_prompt_embeds, guidance_interval,
         )
         if generator is not None and seed is not None:
             raise RequestError("generator", "and seed cannot both be given: pass either generator or seed, not both")
@@ -251,7 +263,7 @@ class Pipeline:
     def _request(
         self, prompt, negative_prompt, steps, guidance_scale, height, width, seed, strength,
         num_images, output_type, eta, guidance_rescale, clip_skip, image, prompt_embeds=None,
-        negative_prompt_embeds=None,
+        negative_prompt_embeds=None, guidance_interval=None,
     ) -> GenerationRequest:
         prompts, prompt_embeds, negative_prompt_embeds = prompt_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
@@ -286,6 +298,8 @@ class Pipeline:
             width=width, num_images_per_prompt=num_images, strength=strength if image is not None else 1.0,
             eta=eta, clip_skip=clip_skip, output_type=output_type, seed=seed,
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            guidance_interval=self.guidance_interval if guidance_interval is None
+            else check_guidance_interval(guidance_interval),
         )
 
     def _parameters(self, request: GenerationRequest, plugins: Sequence[Plugin]) -> dict[str, Any]:
@@ -300,6 +314,7 @@ class Pipeline:
             "steps": request.num_inference_steps,
             "guidance_scale": request.guidance_scale,
             "guidance_rescale": request.guidance_rescale,
+            "guidance_interval": list(request.guidance_interval),
             "height": request.height,
             "width": request.width,
             "seed": request.seed,
@@ -376,13 +391,17 @@ class Pipeline:
         preds = call.predict(step.latents, t, pass_name="main")
         scoped.noise_prediction(step, preds)
 
+        # Outside the guidance interval the step is unguided: the conditional prediction, and no rescale (it
+        # corrects what guidance does to the prediction's spread).
+        scale = call.guidance_scale_at(step) if req.do_cfg else 1.0
+
         def cfg() -> torch.Tensor:
-            return preds["uncond"] + req.guidance_scale * (preds["cond"] - preds["uncond"]) if req.do_cfg else preds["cond"]
+            return preds["uncond"] + scale * (preds["cond"] - preds["uncond"]) if scale != 1.0 else preds["cond"]
 
         guided = scoped.combine_guidance(step, preds, cfg)
         for term in scoped.guidance(step, preds):
             guided = guided + term
-        if req.do_cfg and req.guidance_rescale > 0:
+        if scale != 1.0 and req.guidance_rescale > 0:
             guided = rescale_guidance(guided, preds["cond"], req.guidance_rescale)
         out = call.step_scheduler.step(guided, t, step.latents, generator=call.generator, **self._step_kwargs(req))
         step.latents, step.prediction, step.pred_original = out.prev_sample, guided, out.pred_original_sample

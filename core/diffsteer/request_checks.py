@@ -65,6 +65,19 @@ def check_prompts(name: str, value: Any, *, optional: bool = False) -> Optional[
     raise RequestError(name, f"must be a string or a non-empty list of strings, got {value!r} ({_kind(value)})")
 
 
+def check_guidance_interval(value: Any, name: str = "guidance_interval") -> tuple[float, float]:
+    """``(lo, hi)``: two numbers with ``0 <= lo <= hi <= 1``, fractions of the training timesteps."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise RequestError(name, f"must be two numbers (lo, hi) with 0 <= lo <= hi <= 1, got {value!r} "
+                                 f"({_kind(value)})")
+    for label, item in zip(("lo", "hi"), value):
+        check_float(f"{name} {label}", item, minimum=0.0, maximum=1.0)
+    lo, hi = float(value[0]), float(value[1])
+    if lo > hi:
+        raise RequestError(name, f"lo must not exceed hi, got ({lo}, {hi})")
+    return lo, hi
+
+
 def check_arguments(
     *, steps: Any, guidance_scale: Any, guidance_rescale: Any, height: Any, width: Any, seed: Any, strength: Any,
     num_images: Any, eta: Any, clip_skip: Any,

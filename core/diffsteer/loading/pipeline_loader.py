@@ -35,6 +35,8 @@ class PipelineParts:
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
     name: str
+    #: the model's recommended guidance interval (``model_index.json``), else guidance at every step.
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
 
 
 def shipped_model_dir(name: str = SHAPES) -> Path:
@@ -154,7 +156,7 @@ def load_pipeline_parts(
 ) -> PipelineParts:
     """Load every part of a diffusers-format pipeline folder (or what ``model`` resolves to)."""
     root = resolve_model(model)
-    _read_json(root / "model_index.json")
+    interval = _guidance_interval(root / "model_index.json", _read_json(root / "model_index.json"))
     unet = load_model(UNet2DConditionModel, root / "unet", torch_dtype, device)
     vae = load_model(AutoencoderKL, root / "vae", default_vae_dtype(torch_dtype, vae_dtype), device)
     te_dir = root / "text_encoder"
@@ -167,7 +169,20 @@ def load_pipeline_parts(
         raise ModelLoadError(f"{root}: cannot load the text encoder or tokenizer: {exc}") from None
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
     name = SHAPES if root == shipped_model_dir() else str(model)
-    return PipelineParts(unet, vae, text_encoder, tokenizer, scheduler_config, name)
+    return PipelineParts(unet, vae, text_encoder, tokenizer, scheduler_config, name, interval)
+
+
+def _guidance_interval(path: Path, index: dict[str, Any]) -> tuple[float, float]:
+    from ..errors import RequestError
+    from ..request_checks import check_guidance_interval
+    from .pipeline_writer import GUIDANCE_INTERVAL_KEY
+
+    if GUIDANCE_INTERVAL_KEY not in index:
+        return (0.0, 1.0)
+    try:
+        return check_guidance_interval(index[GUIDANCE_INTERVAL_KEY], GUIDANCE_INTERVAL_KEY)
+    except RequestError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
 
 
 #: The scheduler that SD 1.x/2.x checkpoints were trained with (what their diffusers folders ship).

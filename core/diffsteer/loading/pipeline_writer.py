@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -14,6 +14,9 @@ from ..atomic import atomic_directory
 from .weights import save_state_dict
 
 DIFFSTEER_VERSION_KEY = "_diffsteer_version"
+#: The model's recommended ``guidance_interval`` (:meth:`diffsteer.Pipeline.__call__`). Keys starting with "_"
+#: are metadata to diffusers, so the folder still loads there (diffusers has no such setting and ignores it).
+GUIDANCE_INTERVAL_KEY = "_diffsteer_guidance_interval"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -35,17 +38,23 @@ def save_pipeline(
     text_encoder: CLIPTextModel,
     tokenizer: CLIPTokenizer,
     scheduler_config: dict[str, Any],
+    guidance_interval: Optional[tuple[float, float]] = None,
 ) -> Path:
-    """Write every part under ``target``; an existing ``target`` is replaced only once all is written."""
+    """Write every part under ``target``; an existing ``target`` is replaced only once all is written.
+
+    ``guidance_interval``, when given, is recorded as the model's recommended one (what calls use by default).
+    """
     from .. import __version__
 
     target = Path(target)
+    index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", DIFFSTEER_VERSION_KEY: __version__}
+    if guidance_interval is not None:
+        index[GUIDANCE_INTERVAL_KEY] = [float(v) for v in guidance_interval]
     with atomic_directory(target) as tmp:
         write_json(
             tmp / "model_index.json",
             {
-                "_class_name": "StableDiffusionPipeline",
-                DIFFSTEER_VERSION_KEY: __version__,
+                **index,
                 "unet": ["diffusers", "UNet2DConditionModel"],
                 "vae": ["diffusers", "AutoencoderKL"],
                 "text_encoder": ["transformers", "CLIPTextModel"],

@@ -64,15 +64,17 @@ def generate(
     batch: int = 24,
     progress: Optional[Callable[[int, int], None]] = None,
     guidance_rescale: float = 0.0,
+    guidance_interval: Optional[tuple[float, float]] = None,
 ) -> Iterator[tuple[Any, str]]:
-    """(image, prompt) for each prompt, the i-th generated with seed ``seed_base + i`` in batches of ``batch``."""
+    """(image, prompt) for each prompt, the i-th generated with seed ``seed_base + i`` in batches of ``batch``
+    (``guidance_interval`` None: the model's own)."""
     import torch
 
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed_base + start + i) for i in range(len(chunk))]
         images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale,
-                      guidance_rescale=guidance_rescale, generator=gens).images
+                      guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, generator=gens).images
         yield from zip(images, chunk)
         if progress:
             progress(min(start + batch, len(prompts)), len(prompts))
@@ -282,6 +284,7 @@ def score_strict(
     seed_base: int = STRICT_SEED_BASE,
     progress: Optional[Callable[[int, int], None]] = None,
     guidance_rescale: float = 0.0,
+    guidance_interval: Optional[tuple[float, float]] = None,
 ) -> StrictScore:
     """Generate one image per prompt of :func:`strict_prompts` (seed ``seed_base + i``; the default, fresh seeds no
     test tuned on, is what reported figures use) and judge each with both the old and the strict evaluator."""
@@ -290,7 +293,8 @@ def score_strict(
     judged = [
         (evaluate_caption(img, p), strict_verdict(img, p))
         for img, p in generate(pipe, prompts, seed_base, steps=steps, guidance_scale=guidance_scale,
-                               guidance_rescale=guidance_rescale, batch=batch, progress=progress)
+                               guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, batch=batch,
+                               progress=progress)
     ]
     score, start = StrictScore({}, {}), 0
     for key, rows in kinds.items():

@@ -88,6 +88,10 @@ class ShapesRecipe(BaseModel):
     #: Extra loss weight on the latent cells objects cover in stage 6 (shapes/object_loss.py); 0 turns it off.
     bind_object_weight: float = Field(3.0, ge=0)
 
+    #: The guidance interval the model folder recommends (``Pipeline.__call__``'s ``guidance_interval``): no
+    #: guidance above t = 600 of 1,000, where the scene is laid out (docs/shapes-model.md, "Guidance interval").
+    guidance_interval: Tuple[float, float] = (0.0, 0.6)
+
     #: Weights are written in this dtype (fp16 halves the package data; loading casts to the pipeline's dtype).
     ship_dtype: Literal["float32", "float16"] = "float16"
 
@@ -100,6 +104,13 @@ class ShapesRecipe(BaseModel):
         if problem:
             raise ValueError(problem)
         return value
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, value: Tuple[float, float]) -> Tuple[float, float]:
+        from ..request_checks import check_guidance_interval
+
+        return check_guidance_interval(value)
 
     @model_validator(mode="after")
     def _timestep_mixture(self) -> "ShapesRecipe":

@@ -402,7 +402,8 @@ def _ship(target: Path, recipe: ShapesRecipe, *, unet: torch.nn.Module, vae: tor
     """Write the pipeline folder with every model in ``recipe.ship_dtype``."""
     dtype = getattr(torch, recipe.ship_dtype)
     return save_pipeline(target, unet=unet.to(dtype), vae=vae.to(dtype), text_encoder=text_encoder.to(dtype),
-                         tokenizer=tokenizer, scheduler_config=recipe.scheduler_config())
+                         tokenizer=tokenizer, scheduler_config=recipe.scheduler_config(),
+                         guidance_interval=recipe.guidance_interval)
 
 
 def _stages_1_to_3(work: Path, recipe: ShapesRecipe, log: Log, device: torch.device) -> tuple[Any, ...]:
