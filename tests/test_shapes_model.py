@@ -64,8 +64,9 @@ def test_strict_figures(shapes_pipe):
     """The strict evaluator (issue 14) on a small sample of the tests' own seeds. The reported figures come from
     `diffsteer eval shapes --strict` on fresh seeds. On these 72 images the shipped stage 8 is clean on 23 of 24
     single objects, 4 of 24 pairs, 8 of 12 colour-open and 9 of 12 positioned ones, background 72 of 72; stage 7
-    on the same seeds: 23, 4, 6 and 9, background 72. The floors sit two images under stage 8's figures. The shipped
-    stage 12 is clean on 24, 9, 9 and 11, background 72.
+    on the same seeds: 23, 4, 6 and 9, background 72. Stage 12 with guidance at every step is clean on 24, 9, 9 and
+    11, background 72; under the guidance interval the model folder recommends (no guidance above t = 600), which
+    this test samples with, on 24, 21, 11 and 12, background 72. The floors sit two images under those figures.
 
     The sample had 12 pairs until stage 8 (then 60 images; every later prompt's seed moved with the change). There
     stage 8 was clean on 1 pair and 8 positioned ones (stage 7: 2 and 11; the floor was 9), although on the 360
@@ -74,10 +75,10 @@ def test_strict_figures(shapes_pipe):
     kind with the lowest rate, now have 24."""
     score = score_strict(shapes_pipe, n_single=24, n_double=24, n_open=12, n_position=12, seed_base=EVAL_SEED_BASE)
     print("\n" + score.table())
-    assert score.clean("single") >= 0.875
-    assert score.clean("position") >= 0.58
-    assert score.clean("open") >= 0.5
-    assert score.clean("double") >= 0.083
+    assert score.clean("single") >= 22 / 24
+    assert score.clean("position") >= 10 / 12
+    assert score.clean("open") >= 9 / 12
+    assert score.clean("double") >= 19 / 24
     assert score.background >= 0.96
 
 
@@ -95,7 +96,9 @@ def test_bf16_stays_close_to_fp32(shapes_pipe):
     function is not wrong. Measured on these 8 prompts and 8 more seeds (16 pairs of images): stage 9 tipped none
     (44.8-54.4 dB), the shipped stage 12 tipped 2 (20.8 and 29.3 dB: a third object, a moved one; the other 14
     41.2-53.1 dB). Until stage 12 the test compared two images and asked 25 dB of both together; one tipped image
-    takes that below. So it asks that most images agree closely, and that bf16 follows captions as often."""
+    takes that below. So it asks that most images agree closely, and that bf16 follows captions as often. Under the
+    guidance interval the model recommends, which this test samples with, none tipped: 46.6-53.8 dB, 7 of 8 clean in
+    both."""
     bf16 = Pipeline.from_pretrained("shapes", scheduler="ddim", torch_dtype=torch.bfloat16)
     gens = lambda: [torch.Generator().manual_seed(EVAL_SEED_BASE + i) for i in range(len(BF16_PROMPTS))]  # noqa: E731
     a = shapes_pipe(BF16_PROMPTS, generator=gens(), num_inference_steps=20).images

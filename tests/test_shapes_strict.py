@@ -249,7 +249,7 @@ class _RendererAsModel:
     def __init__(self) -> None:
         self.seeds: list[int] = []
 
-    def __call__(self, prompts, *, num_inference_steps, guidance_scale, guidance_rescale, generator):
+    def __call__(self, prompts, *, num_inference_steps, guidance_scale, guidance_rescale, guidance_interval, generator):
         from types import SimpleNamespace
 
         from diffsteer.shapes.world import scene_from_caption

@@ -359,7 +359,10 @@ def diffsteer_combine_guidance(
     :func:`diffsteer_guidance` are added and ``guidance_rescale`` is applied.
     Receives: ``predictions`` per branch.
     May change: nothing.
-    Returns: the combined prediction, or ``None`` for the core's ``uncond + scale * (cond - uncond)``.
+    Returns: the combined prediction, or ``None`` for the core's ``uncond + scale * (cond - uncond)``, where
+    ``scale`` is ``call.guidance_scale_at(step)``: the request's ``guidance_scale`` inside its
+    ``guidance_interval``, 1 (the ``cond`` prediction alone) outside it. A formula that should honour the
+    interval reads the same method.
     """
 
 

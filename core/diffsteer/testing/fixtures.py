@@ -40,6 +40,18 @@ def shapes_pipe() -> Any:
     return Pipeline.from_pretrained("shapes", scheduler="ddim")
 
 
+@pytest.fixture(scope="session")
+def shapes_pipe_every_step(shapes_pipe: Any) -> Any:
+    """The shapes model guided at every step (``guidance_interval=(0, 1)``), sharing ``shapes_pipe``'s weights.
+
+    The plugins' semantic figures were calibrated so, before the model recommended its guidance interval (no
+    guidance above t = 600), under which effects that steer the layout act on fewer seeds (docs/shapes-model.md).
+    """
+    pipe = shapes_pipe.with_scheduler("ddim")
+    pipe.guidance_interval = (0.0, 1.0)
+    return pipe
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Plugin suites mark their long semantic tests; registered here so a suite run from its own folder knows it.
     config.addinivalue_line("markers", "slow: long-running semantic or training tests")

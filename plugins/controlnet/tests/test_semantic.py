@@ -14,6 +14,14 @@ import pytest
 from diffsteer.shapes import centroid, dominant_colour, render_outline, sample_scene
 from diffsteer_controlnet import ControlNet, load_controlnet
 
+
+@pytest.fixture(scope="module")
+def shapes_pipe(shapes_pipe_every_step):
+    """Guidance at every step: this module's figures (and the page's) were measured so, before the shapes model
+    recommended its guidance interval (docs/shapes-model.md#guidance-interval-the-shipped-sampling-default)."""
+    return shapes_pipe_every_step
+
+
 STEPS = 20
 N = 16
 NEAR = 4.0  # pixels of 64: "a few pixels"

@@ -24,6 +24,13 @@ from diffsteer_sag import Sag, gaussian_blur_2d
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(scope="module")
+def shapes_pipe(shapes_pipe_every_step):
+    """Guidance at every step: this module's figures (and the page's) were measured so, before the shapes model
+    recommended its guidance interval (docs/shapes-model.md#guidance-interval-the-shipped-sampling-default)."""
+    return shapes_pipe_every_step
+
 STEPS = 20
 # Every (colour, shape, background) combination twice: 48 single-object prompts, seeds from 10,000 (the model
 # card's evaluation seeds).

@@ -15,6 +15,13 @@ from diffsteer_sega import Sega
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(scope="module")
+def shapes_pipe(shapes_pipe_every_step):
+    """Guidance at every step: this module's figures (and the page's) were measured so, before the shapes model
+    recommended its guidance interval (docs/shapes-model.md#guidance-interval-the-shipped-sampling-default)."""
+    return shapes_pipe_every_step
+
 STEPS = 10
 # Eight starting noises per shape: 24 images, colour unspecified. On this prompt the model makes 10 of 24 red.
 # The baseline needs red to remove and room to add it: "a large {shape} on a black background" gave 11 of 24 before

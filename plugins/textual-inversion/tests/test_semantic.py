@@ -17,16 +17,21 @@ from diffsteer_textual_inversion import TextualInversion
 from concepts import concept_set, shape_rate
 
 N, STEPS = 16, 20
+# Guidance at every step: under the shapes model's recommended interval (no guidance above t = 600) the word "shape"
+# itself comes out a triangle in 11 of 16 images ("a red <wedge>": 16/16, "a red": 0/16), and a token is measured
+# against a prior that does not already draw its concept.
+EVERY_STEP = (0.0, 1.0)
 
 
 def test_learned_wedge_token_draws_triangles(shapes_pipe):
     # the evaluator itself recognises the concept it is about
     assert shape_rate(concept_set("triangle", 8)[0], "triangle") == 1.0
     ti = TextualInversion(embeddings=["wedge"])
-    with_token = shape_rate(shapes_pipe(["a red <wedge>"] * N, num_inference_steps=STEPS, seed=0, plugins=[ti]).images,
-                            "triangle")
-    shape = shape_rate(shapes_pipe(["a red shape"] * N, num_inference_steps=STEPS, seed=0).images, "triangle")
-    bare = shape_rate(shapes_pipe(["a red"] * N, num_inference_steps=STEPS, seed=0).images, "triangle")
+    run = lambda prompt, *plugins: shapes_pipe([prompt] * N, num_inference_steps=STEPS, seed=0,  # noqa: E731
+                                               guidance_interval=EVERY_STEP, plugins=list(plugins)).images
+    with_token = shape_rate(run("a red <wedge>", ti), "triangle")
+    shape = shape_rate(run("a red shape"), "triangle")
+    bare = shape_rate(run("a red"), "triangle")
     print(f"\ntriangle rate: 'a red <wedge>' {with_token:.3f} | 'a red shape' {shape:.3f} | 'a red' {bare:.3f}")
     assert with_token >= 0.75
     assert with_token - max(shape, bare) >= 0.5
