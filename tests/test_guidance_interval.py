@@ -145,3 +145,14 @@ def test_cli_takes_records_and_reruns_the_interval(tiny_sd1, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "guidance_interval lo must not exceed hi" in err and "Traceback" not in err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_eval_reports_and_takes_the_interval(capsys):
+    small = ["eval", "shapes", "--single", "1", "--double", "0", "--position", "0", "-q"]
+    assert main(small) == 0
+    assert "CFG 7.5 where t/T is in [0, 0.6] (the model's own)" in capsys.readouterr().err
+    assert main([*small, "--guidance-interval", "0,1"]) == 0
+    assert "CFG 7.5 where t/T is in [0, 1]\n" in capsys.readouterr().err
+    assert main([*small, "--guidance-interval", "0.9,0.1"]) != 0
+    err = capsys.readouterr().err
+    assert "--guidance-interval lo must not exceed hi" in err and "Traceback" not in err

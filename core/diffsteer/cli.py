@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import __version__
-from .generate_cli import add_generate_arguments
+from .generate_cli import add_generate_arguments, interval_arg
 from .shapes_cli import add_shapes_arguments
 
 METADATA_KEY = "diffsteer"  # the PNG text key (JPEG/WebP: EXIF ImageDescription "diffsteer:<json>")
@@ -174,6 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .pipeline import Pipeline
+    from .request_checks import check_guidance_interval
     from .shapes.benchmark import score_model, score_strict
     from .shapes_cli import eval_coverage_notes
 
@@ -181,11 +182,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for note in eval_coverage_notes(args.single, args.double, args.position):
         print(f"warning: {note}", file=sys.stderr)
     pipe = Pipeline.from_pretrained(args.model, scheduler="ddim")
+    interval = pipe.guidance_interval if args.guidance_interval is None else check_guidance_interval(
+        args.guidance_interval, "--guidance-interval")
+    # on stderr, so the table on stdout stays what scripts read; the interval changes every figure
+    print(f"sampling: DDIM {args.steps} steps, CFG 7.5 where t/T is in [{interval[0]:g}, {interval[1]:g}]"
+          + (" (the model's own)" if args.guidance_interval is None else ""), file=sys.stderr)
     n_open = args.open if args.strict else 0
     bar = tqdm(total=args.single + args.double + args.position + n_open, desc="evaluating", unit="img",
                disable=args.quiet)
     counts = dict(n_single=args.single, n_double=args.double, n_position=args.position, steps=args.steps,
-                  progress=lambda done, total: bar.update(done - bar.n))
+                  progress=lambda done, total: bar.update(done - bar.n), guidance_interval=interval)
     try:
         score = score_strict(pipe, n_open=n_open, **counts) if args.strict else score_model(pipe, **counts)
     except BaseException:
@@ -250,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--strict", action="store_true", help="also judge strictly, on fresh seeds: exact object count, "
                     "colour share, shape IoU (diffsteer.shapes.strict)")
     ev.add_argument("--open", type=int, default=48, help="colour-open prompts ('a circle'), with --strict")
+    ev.add_argument("--guidance-interval", type=interval_arg, default=None, metavar="LO,HI",
+                    help="guide only where t/T is in [LO, HI] (default: the model's own; 0,1 guides every step)")
     ev.add_argument("-q", "--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
 

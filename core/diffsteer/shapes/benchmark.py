@@ -122,13 +122,15 @@ def score_model(
     guidance_scale: float = 7.5,
     batch: int = 24,
     progress: Optional[Callable[[int, int], None]] = None,
+    guidance_interval: Optional[tuple[float, float]] = None,
 ) -> ShapesScore:
-    """Generate one image per prompt (seed ``EVAL_SEED_BASE + i``) and score it."""
+    """Generate one image per prompt (seed ``EVAL_SEED_BASE + i``) and score it (``guidance_interval`` None: the
+    model's own)."""
     prompts = eval_prompts(n_single, n_double, n_position)
     results = [
         {**evaluate_caption(img, p), "shape_strict": evaluate_caption(img, p, SHAPES + EXTRA_SHAPES)["shape"]}
         for img, p in generate(pipe, prompts, EVAL_SEED_BASE, steps=steps, guidance_scale=guidance_scale,
-                               batch=batch, progress=progress)
+                               batch=batch, progress=progress, guidance_interval=guidance_interval)
     ]
     single, double, placed = (
         results[:n_single], results[n_single : n_single + n_double], results[n_single + n_double :]

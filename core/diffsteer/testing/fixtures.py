@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +33,28 @@ def tiny_pipe(tiny_sd1: Path) -> Any:
     return Pipeline.from_pretrained(tiny_sd1, scheduler="ddim")
 
 
-@pytest.fixture(scope="session")
-def shapes_pipe() -> Any:
-    """The shipped shapes model with DDIM (the model card's sampling settings)."""
+@functools.lru_cache(maxsize=1)
+def _shapes_pipeline() -> Any:
     from diffsteer.pipeline import Pipeline
 
     return Pipeline.from_pretrained("shapes", scheduler="ddim")
 
 
 @pytest.fixture(scope="session")
-def shapes_pipe_every_step(shapes_pipe: Any) -> Any:
+def shapes_pipe() -> Any:
+    """The shipped shapes model with DDIM (the model card's sampling settings)."""
+    return _shapes_pipeline()
+
+
+@pytest.fixture(scope="session")
+def shapes_pipe_every_step() -> Any:
     """The shapes model guided at every step (``guidance_interval=(0, 1)``), sharing ``shapes_pipe``'s weights.
 
     The plugins' semantic figures were calibrated so, before the model recommended its guidance interval (no
     guidance above t = 600), under which effects that steer the layout act on fewer seeds (docs/shapes-model.md).
     """
-    pipe = shapes_pipe.with_scheduler("ddim")
+    # Not built on the shapes_pipe fixture: a test module may override that name with this fixture.
+    pipe = _shapes_pipeline().with_scheduler("ddim")
     pipe.guidance_interval = (0.0, 1.0)
     return pipe
 
