@@ -156,3 +156,24 @@ def test_eval_reports_and_takes_the_interval(capsys):
     assert main([*small, "--guidance-interval", "0.9,0.1"]) != 0
     err = capsys.readouterr().err
     assert "--guidance-interval lo must not exceed hi" in err and "Traceback" not in err
+
+
+def test_from_an_image_recorded_before_the_interval_guides_every_step(tmp_path):
+    """Images made before calls recorded ``guidance_interval`` were guided at every step; ``--from`` redraws them so,
+    although the shipped model now recommends an interval (a model named, not a folder, is not hashed)."""
+    from diffsteer.image_files import save_image
+
+    old = tmp_path / "old.png"
+    args = ["--model", "shapes", "--steps", "2", "--seed", "4", "-q"]
+    assert main(["generate", "a red circle", *args, "--guidance-interval", "0,1", "-o", str(old)]) == 0
+    params = read_parameters(old)
+    del params["guidance_interval"]
+    save_image(Image.open(old), old, params)  # as an older diffsteer wrote it
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from", str(old), "-o", str(again), "-q"]) == 0
+    assert read_parameters(again)["guidance_interval"] == [0.0, 1.0]
+    assert np.array_equal(np.asarray(Image.open(old)), np.asarray(Image.open(again)))
+    # the model's own interval would have drawn another image: the test can tell
+    other = tmp_path / "other.png"
+    assert main(["generate", "a red circle", *args, "-o", str(other)]) == 0
+    assert not np.array_equal(np.asarray(Image.open(old)), np.asarray(Image.open(other)))

@@ -226,6 +226,9 @@ def build_parameters(args: argparse.Namespace) -> tuple[dict[str, Any], list[dic
                                    f"embeddings are not stored in the image, so --from cannot re-run it")
         recorded_files = dict(params.pop("files", {}) or {})
         params.pop("from", None)
+        # Images made before calls recorded their guidance interval were guided at every step; a model's own
+        # interval would not redraw them.
+        params.setdefault("guidance_interval", [0.0, 1.0])
         # Small images recorded inside the image stand in for files that are gone (made on another machine).
         restored = restore_embedded(recorded_files, params.pop("embedded", {}) or {})
         params = replace_strings(params, restored)
