@@ -48,11 +48,11 @@ OBJECTS = [ShapeObject("triangle", "red", x, y, 0.2) for x, y in PLACES]
 OUTLINES = [render_outline(Scene([o], "white")) for o in OBJECTS]
 CENTRES = np.array([o.centroid for o in OBJECTS]) * 64  # a triangle's centroid is a third of its size below the box's
 CONTROL_SCALE = 0.2
-# Guidance at every step, not the shapes model's recommended interval (guidance only at t <= 600): the stack's
-# effects were calibrated so, and under the interval they weaken (measured at 0.2: triangles 1.00 vs 0.92 with
-# "shape", near 0.50 vs 0.25, red share 0.75 vs 0.00 with (blue)1.4 in 9/12 and 0.75 vs 0.17 without SEGA in 7/12,
-# HF energy 0.167 vs 0.173 in 11/12): the layout, which the outline and "+red" steer, is drawn unguided there.
-EVERY_STEP = (0.0, 1.0)
+# Guidance at every step (shapes_pipe_every_step), not the shapes model's recommended interval (guidance only at
+# t <= 600): the stack's effects were calibrated so, and under the interval they weaken (measured at 0.2: triangles
+# 1.00 vs 0.92 with "shape", near 0.50 vs 0.25, red share 0.75 vs 0.00 with (blue)1.4 in 9/12 and 0.75 vs 0.17
+# without SEGA in 7/12, HF energy 0.167 vs 0.173 in 11/12): the layout, which the outline and "+red" steer, is drawn
+# unguided there.
 TEMPLATE = "a {blue} {thing} on a white background"
 
 
@@ -72,7 +72,7 @@ class Run:
         prompt = TEMPLATE.format(blue=blue, thing=thing)
         gens = [torch.Generator().manual_seed(s) for s in SEEDS]
         self.latents = pipe([prompt] * N, num_inference_steps=STEPS, generator=gens, plugins=plugins,
-                            output_type="latent", guidance_interval=EVERY_STEP).images
+                            output_type="latent").images
         pixels = pipe.decode_latents(self.latents).clamp(-1, 1).add(1).mul(127.5).round()
         self.images = list(pixels.permute(0, 2, 3, 1).to(torch.uint8).numpy())
         self.hf = ((self.latents - gaussian_blur_2d(self.latents, 9, 1.0)) ** 2).mean(dim=(1, 2, 3)).numpy()
@@ -115,14 +115,14 @@ def stack(parts: dict, without: str = "") -> list:
 
 
 @pytest.fixture(scope="module")
-def runs(shapes_pipe, parts):
+def runs(shapes_pipe_every_step, parts):
     return {
-        "all": Run(shapes_pipe, stack(parts)),
-        "blue up": Run(shapes_pipe, stack(parts), blue="(blue)1.4"),
-        "no ti": Run(shapes_pipe, stack(parts, "ti"), thing="shape"),
-        "no sega": Run(shapes_pipe, stack(parts, "sega")),
-        "no sag": Run(shapes_pipe, stack(parts, "sag")),
-        "no cn": Run(shapes_pipe, stack(parts, "cn")),
+        "all": Run(shapes_pipe_every_step, stack(parts)),
+        "blue up": Run(shapes_pipe_every_step, stack(parts), blue="(blue)1.4"),
+        "no ti": Run(shapes_pipe_every_step, stack(parts, "ti"), thing="shape"),
+        "no sega": Run(shapes_pipe_every_step, stack(parts, "sega")),
+        "no sag": Run(shapes_pipe_every_step, stack(parts, "sag")),
+        "no cn": Run(shapes_pipe_every_step, stack(parts, "cn")),
     }
 
 
@@ -156,12 +156,12 @@ def test_all_five_in_one_call_each_keep_their_effect(runs):
     assert r["all"].hf.mean() <= 0.95 * r["no sag"].hf.mean() and (r["all"].hf < r["no sag"].hf).sum() >= 10
 
 
-def test_plugin_order_does_not_change_the_stack(shapes_pipe, parts, runs):
+def test_plugin_order_does_not_change_the_stack(shapes_pipe_every_step, parts, runs):
     """The five touch different hooks or add up (guidance terms, residuals): listing them in reverse gives the
     same latents, bit for bit (the core sums guidance terms in the order of the plugins' names; summed in list
     order, the rounding differed by 1e-5 and flipped SEGA's percentile mask in one seed, 0.069 apart)."""
     forward = runs["all"]  # the same plugin instances in list order, run by the fixture
-    backward = Run(shapes_pipe, stack(parts)[::-1])
+    backward = Run(shapes_pipe_every_step, stack(parts)[::-1])
     delta = float((forward.latents - backward.latents).abs().max())
     print(f"\nmax |Δ| of the latents, plugins listed in reverse: {delta:.2e}")
     assert delta == 0.0

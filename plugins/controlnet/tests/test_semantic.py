@@ -14,13 +14,9 @@ import pytest
 from diffsteer.shapes import centroid, dominant_colour, render_outline, sample_scene
 from diffsteer_controlnet import ControlNet, load_controlnet
 
-
-@pytest.fixture(scope="module")
-def shapes_pipe(shapes_pipe_every_step):
-    """Guidance at every step: this module's figures (and the page's) were measured so, before the shapes model
-    recommended its guidance interval (docs/shapes-model.md#guidance-interval-the-shipped-sampling-default)."""
-    return shapes_pipe_every_step
-
+# Every test here samples with shapes_pipe_every_step (guidance at every step): this module's figures, and its
+# page's, were measured so, before the shapes model recommended its guidance interval
+# (docs/shapes-model.md#guidance-interval-the-shipped-sampling-default).
 
 STEPS = 20
 N = 16
@@ -51,9 +47,9 @@ def outline_net():
 
 
 @pytest.fixture(scope="module")
-def runs(shapes_pipe, outline_net):
-    plain = shapes_pipe(PROMPTS, num_inference_steps=STEPS, seed=0).images
-    controlled = shapes_pipe(
+def runs(shapes_pipe_every_step, outline_net):
+    plain = shapes_pipe_every_step(PROMPTS, num_inference_steps=STEPS, seed=0).images
+    controlled = shapes_pipe_every_step(
         PROMPTS, num_inference_steps=STEPS, seed=0, plugins=[ControlNet(controlnet=outline_net, image=OUTLINES)]
     ).images
     return distances(plain), distances(controlled)
@@ -69,15 +65,16 @@ def test_outline_control_puts_the_shape_where_the_outline_is(runs):
     assert np.median(controlled) <= np.median(plain) / 2
 
 
-def test_sega_red_and_the_outline_control_both_act(shapes_pipe, outline_net):
+def test_sega_red_and_the_outline_control_both_act(shapes_pipe_every_step, outline_net):
     """Composition on the real model: SEGA's concept rows get the control's residuals, so "+red" turns the
     objects red while they stay on their outlines."""
     from diffsteer_sega import Sega
 
     cn = ControlNet(controlnet=outline_net, image=OUTLINES)
     red = dict(prompt="red", guidance_scale=5.0, warmup_steps=2, threshold=0.9)
-    alone = shapes_pipe(OPEN_PROMPTS, num_inference_steps=STEPS, seed=0, plugins=[cn]).images
-    both = shapes_pipe(OPEN_PROMPTS, num_inference_steps=STEPS, seed=0, plugins=[Sega(concepts=[red]), cn]).images
+    alone = shapes_pipe_every_step(OPEN_PROMPTS, num_inference_steps=STEPS, seed=0, plugins=[cn]).images
+    both = shapes_pipe_every_step(OPEN_PROMPTS, num_inference_steps=STEPS, seed=0,
+                                  plugins=[Sega(concepts=[red]), cn]).images
     red_alone = np.mean([dominant_colour(i) == "red" for i in alone])
     red_both = np.mean([dominant_colour(i) == "red" for i in both])
     d_alone, d_both = distances(alone), distances(both)

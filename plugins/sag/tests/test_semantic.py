@@ -24,13 +24,9 @@ from diffsteer_sag import Sag, gaussian_blur_2d
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def shapes_pipe(shapes_pipe_every_step):
-    """Guidance at every step: this module's figures (and the page's) were measured so, before the shapes model
-    recommended its guidance interval (docs/shapes-model.md#guidance-interval-the-shipped-sampling-default)."""
-    return shapes_pipe_every_step
-
+# Every test here samples with shapes_pipe_every_step (guidance at every step): this module's figures, and its
+# page's, were measured so, before the shapes model recommended its guidance interval
+# (docs/shapes-model.md#guidance-interval-the-shipped-sampling-default).
 STEPS = 20
 # Every (colour, shape, background) combination twice: 48 single-object prompts, seeds from 10,000 (the model
 # card's evaluation seeds).
@@ -67,9 +63,9 @@ class Run:
 
 
 @pytest.mark.parametrize("guidance_scale", [7.5, 1.0], ids=["cfg", "no-cfg"])
-def test_sag_changes_texture_not_content(shapes_pipe, guidance_scale):
-    plain = Run(shapes_pipe, guidance_scale=guidance_scale)
-    sag = Run(shapes_pipe, [Sag()], guidance_scale=guidance_scale)
+def test_sag_changes_texture_not_content(shapes_pipe_every_step, guidance_scale):
+    plain = Run(shapes_pipe_every_step, guidance_scale=guidance_scale)
+    sag = Run(shapes_pipe_every_step, [Sag()], guidance_scale=guidance_scale)
     change = float(np.abs(sag.images.astype(np.float64) - plain.images).mean() / 255)
     lower = int((sag.hf < plain.hf).sum())
     worse = {c: sum(bool(p[c]) and not bool(s[c]) for p, s in zip(plain.verdicts, sag.verdicts)) for c in CRITERIA}
@@ -96,15 +92,15 @@ SEGA_PROMPTS = [f"a large {shape} on a black background" for shape in ("circle",
 RED = dict(prompt="red", guidance_scale=5.0, warmup_steps=2, threshold=0.9)
 
 
-def test_sega_plus_red_keeps_its_effect_with_sag(shapes_pipe):
+def test_sega_plus_red_keeps_its_effect_with_sag(shapes_pipe_every_step):
     """sega's semantic test, with SAG in the same call: "+red" still turns the objects red, and SAG still
     lowers the high-frequency energy on top of SEGA."""
     sega = pytest.importorskip("diffsteer_sega", reason="plugins/sega is not installed")
     kw = dict(prompts=SEGA_PROMPTS, steps=10)
     red = lambda run: sum(dominant_colour(image) == "red" for image in run.images) / len(run.images)  # noqa: E731
-    sag_only = Run(shapes_pipe, [Sag()], **kw)
-    sega_only = Run(shapes_pipe, [sega.Sega(concepts=[RED])], **kw)
-    both = Run(shapes_pipe, [sega.Sega(concepts=[RED]), Sag()], **kw)
+    sag_only = Run(shapes_pipe_every_step, [Sag()], **kw)
+    sega_only = Run(shapes_pipe_every_step, [sega.Sega(concepts=[RED])], **kw)
+    both = Run(shapes_pipe_every_step, [sega.Sega(concepts=[RED]), Sag()], **kw)
     lower = int((both.hf < sega_only.hf).sum())
     print(f"\nred-dominant over {len(SEGA_PROMPTS)} images: SAG alone {red(sag_only):.0%}, +red alone "
           f"{red(sega_only):.0%}, +red with SAG {red(both):.0%}; latent HF energy lower with SAG on top of SEGA "
@@ -113,7 +109,7 @@ def test_sega_plus_red_keeps_its_effect_with_sag(shapes_pipe):
     assert lower >= 0.75 * len(SEGA_PROMPTS)
 
 
-def test_prompt_weighting_keeps_its_effect_with_sag(shapes_pipe):
+def test_prompt_weighting_keeps_its_effect_with_sag(shapes_pipe_every_step):
     """prompt-weighting's semantic test, with SAG in the same call: up-weighting red raises the red share."""
     weighting = pytest.importorskip("diffsteer_prompt_weighting", reason="plugins/prompt-weighting is not installed")
     from diffsteer.shapes import colour_areas
@@ -123,7 +119,8 @@ def test_prompt_weighting_keeps_its_effect_with_sag(shapes_pipe):
 
     def red_share(prompt):
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        images = shapes_pipe([prompt] * len(seeds), generator=generators, num_inference_steps=STEPS, output_type="np",
+        images = shapes_pipe_every_step([prompt] * len(seeds), generator=generators, num_inference_steps=STEPS,
+                                        output_type="np",
                              plugins=[weighting.PromptWeighting(), Sag()]).images
         shares = []
         for image in (images * 255).round().astype(np.uint8):

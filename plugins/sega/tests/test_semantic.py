@@ -15,13 +15,9 @@ from diffsteer_sega import Sega
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def shapes_pipe(shapes_pipe_every_step):
-    """Guidance at every step: this module's figures (and the page's) were measured so, before the shapes model
-    recommended its guidance interval (docs/shapes-model.md#guidance-interval-the-shipped-sampling-default)."""
-    return shapes_pipe_every_step
-
+# Every test here samples with shapes_pipe_every_step (guidance at every step): this module's figures, and its
+# page's, were measured so, before the shapes model recommended its guidance interval
+# (docs/shapes-model.md#guidance-interval-the-shipped-sampling-default).
 STEPS = 10
 # Eight starting noises per shape: 24 images, colour unspecified. On this prompt the model makes 10 of 24 red.
 # The baseline needs red to remove and room to add it: "a large {shape} on a black background" gave 11 of 24 before
@@ -48,13 +44,13 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def plain(shapes_pipe) -> Run:
-    return Run(shapes_pipe)
+def plain(shapes_pipe_every_step) -> Run:
+    return Run(shapes_pipe_every_step)
 
 
-def test_plus_red_raises_and_minus_red_lowers_the_red_fraction(shapes_pipe, plain):
-    more = Run(shapes_pipe, [Sega(concepts=[RED])])
-    less = Run(shapes_pipe, [Sega(concepts=[{**RED, "reverse": True}])])
+def test_plus_red_raises_and_minus_red_lowers_the_red_fraction(shapes_pipe_every_step, plain):
+    more = Run(shapes_pipe_every_step, [Sega(concepts=[RED])])
+    less = Run(shapes_pipe_every_step, [Sega(concepts=[{**RED, "reverse": True}])])
     print(f"\nred-dominant over {len(PROMPTS)} images, DDIM {STEPS} steps: "
           f"no SEGA {plain.red:.0%}, +red {more.red:.0%}, -red {less.red:.0%}")
     for label, run in (("no SEGA", plain), ("+red", more), ("-red", less)):
@@ -65,7 +61,7 @@ def test_plus_red_raises_and_minus_red_lowers_the_red_fraction(shapes_pipe, plai
     assert less.red <= 0.10
 
 
-def test_red_concept_keeps_its_effect_beside_a_residual_plugin(shapes_pipe, plain, partners):
+def test_red_concept_keeps_its_effect_beside_a_residual_plugin(shapes_pipe_every_step, plain, partners):
     """A ControlNet stand-in adds residuals to every row, SEGA's concept rows included.
 
     At strength 0.7 the residuals alone change the images by a mean |Δ| of 0.058 per pixel (red-dominant 42%
@@ -74,8 +70,8 @@ def test_red_concept_keeps_its_effect_beside_a_residual_plugin(shapes_pipe, plai
     pixel change, to 0.069.)
     """
     hint = partners.Hint(strength=0.7, seed=1)
-    hinted = Run(shapes_pipe, [hint])
-    both = Run(shapes_pipe, [hint, Sega(concepts=[RED])])
+    hinted = Run(shapes_pipe_every_step, [hint])
+    both = Run(shapes_pipe_every_step, [hint, Sega(concepts=[RED])])
     change = float(np.abs(hinted.pixels() - plain.pixels()).mean())
     print(f"\nwith a residual plugin (mean |Δ| {change:.3f} on its own): red-dominant {hinted.red:.0%} "
           f"without SEGA, {both.red:.0%} with +red")

@@ -32,7 +32,7 @@ def colour_fraction(images, colour):
     return sum(dominant_colour(im) == colour for im in images) / len(images)
 
 
-def test_learned_token_and_sega_concept_each_keep_their_effect(shapes_pipe):
+def test_learned_token_and_sega_concept_each_keep_their_effect(shapes_pipe_every_step):
     """Colour left open: the token decides the form, SEGA "+green" the colour.
 
     Measured on the shipped stage-8 model (16 images, 20 steps, seed 0): triangle rate 0.0 without the token
@@ -50,10 +50,10 @@ def test_learned_token_and_sega_concept_each_keep_their_effect(shapes_pipe):
     # Guidance at every step: under the shapes model's recommended interval "a shape on a white background" is
     # already a triangle in 15 of 16 images (the token: 16/16, with SEGA 16/16 and green 16/16), leaving the token
     # nothing to show.
-    every_step = dict(num_inference_steps=STEPS, seed=0, guidance_interval=(0.0, 1.0))
-    base = shapes_pipe(["a shape on a white background"] * N, **every_step).images
-    alone = shapes_pipe(prompt, plugins=[ti], **every_step).images
-    both = shapes_pipe(prompt, plugins=[ti, green], **every_step).images
+    pipe = shapes_pipe_every_step
+    base = pipe(["a shape on a white background"] * N, num_inference_steps=STEPS, seed=0).images
+    alone = pipe(prompt, num_inference_steps=STEPS, seed=0, plugins=[ti]).images
+    both = pipe(prompt, num_inference_steps=STEPS, seed=0, plugins=[ti, green]).images
     figures = {name: (shape_rate(ims, "triangle"), colour_fraction(ims, "green")) for name, ims in
                (("no plugins ('a shape')", base), ("textual-inversion", alone), ("textual-inversion + sega +green", both))}
     print("\n" + "\n".join(f"{k}: triangle {t:.3f}, green {g:.3f}" for k, (t, g) in figures.items()))

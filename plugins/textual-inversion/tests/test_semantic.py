@@ -17,18 +17,17 @@ from diffsteer_textual_inversion import TextualInversion
 from concepts import concept_set, shape_rate
 
 N, STEPS = 16, 20
-# Guidance at every step: under the shapes model's recommended interval (no guidance above t = 600) the word "shape"
-# itself comes out a triangle in 11 of 16 images ("a red <wedge>": 16/16, "a red": 0/16), and a token is measured
-# against a prior that does not already draw its concept.
-EVERY_STEP = (0.0, 1.0)
+# Guidance at every step (shapes_pipe_every_step): under the shapes model's recommended interval (no guidance above
+# t = 600) the word "shape" itself comes out a triangle in 11 of 16 images ("a red <wedge>": 16/16, "a red": 0/16),
+# and a token is measured against a prior that does not already draw its concept.
 
 
-def test_learned_wedge_token_draws_triangles(shapes_pipe):
+def test_learned_wedge_token_draws_triangles(shapes_pipe_every_step):
     # the evaluator itself recognises the concept it is about
     assert shape_rate(concept_set("triangle", 8)[0], "triangle") == 1.0
     ti = TextualInversion(embeddings=["wedge"])
-    run = lambda prompt, *plugins: shapes_pipe([prompt] * N, num_inference_steps=STEPS, seed=0,  # noqa: E731
-                                               guidance_interval=EVERY_STEP, plugins=list(plugins)).images
+    run = lambda prompt, *plugins: shapes_pipe_every_step([prompt] * N, num_inference_steps=STEPS, seed=0,  # noqa: E731
+                                               plugins=list(plugins)).images
     with_token = shape_rate(run("a red <wedge>", ti), "triangle")
     shape = shape_rate(run("a red shape"), "triangle")
     bare = shape_rate(run("a red"), "triangle")
