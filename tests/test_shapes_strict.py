@@ -246,8 +246,11 @@ def test_bad_input_is_a_clear_error():
 class _RendererAsModel:
     """A "model" that draws each prompt exactly, with the renderer: the perfect score's reference."""
 
+    guidance_interval = (0.0, 0.6)  # what `eval shapes` reads as "the model's own" when no flag names one
+
     def __init__(self) -> None:
         self.seeds: list[int] = []
+        self.intervals: list[tuple[float, float]] = []
 
     def __call__(self, prompts, *, num_inference_steps, guidance_scale, guidance_rescale, guidance_interval, generator):
         from types import SimpleNamespace
@@ -255,6 +258,7 @@ class _RendererAsModel:
         from diffsteer.shapes.world import scene_from_caption
 
         self.seeds += [g.initial_seed() for g in generator]
+        self.intervals.append(guidance_interval)
         return SimpleNamespace(
             images=[render(scene_from_caption(p, g.initial_seed())) for p, g in zip(prompts, generator)]
         )
@@ -320,14 +324,22 @@ def test_cli_eval_strict(monkeypatch, capsys):
     from diffsteer import cli
     from diffsteer.pipeline import Pipeline
 
-    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(lambda cls, *a, **k: _RendererAsModel()))
+    models: list[_RendererAsModel] = []
+    monkeypatch.setattr(Pipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: models.append(_RendererAsModel()) or models[-1]))
     assert cli.main(["eval", "shapes", "--strict", "--single", "2", "--double", "2", "--open", "2",
                      "--position", "2", "-q"]) == 0
-    out = capsys.readouterr().out
-    assert "| colour-open (\"a circle\"), any one colour | 2 |" in out and "strict: clean" in out
-    assert cli.main(["eval", "shapes", "--single", "2", "--double", "0", "--position", "0", "-q"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("| metric | value | images |") and "strict" not in out.split("\n")[0]
+    captured = capsys.readouterr()
+    assert "| colour-open (\"a circle\"), any one colour | 2 |" in captured.out and "strict: clean" in captured.out
+    # no flag: the model's own interval samples every image, and stderr says so
+    assert set(models[-1].intervals) == {(0.0, 0.6)}
+    assert "CFG 7.5 where t/T is in [0, 0.6] (the model's own)" in captured.err
+    assert cli.main(["eval", "shapes", "--single", "2", "--double", "0", "--position", "0", "-q",
+                     "--guidance-interval", "0,1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("| metric | value | images |") and "strict" not in captured.out.split("\n")[0]
+    assert set(models[-1].intervals) == {(0.0, 1.0)}
+    assert "CFG 7.5 where t/T is in [0, 1]\n" in captured.err
 
 
 def test_vae_round_trips_of_renders_stay_clean(shapes_pipe):
