@@ -48,8 +48,8 @@ def test_eval_pairs_cover_every_colour_and_both_backgrounds():
             assert any(f"a {c} " in p for p in pairs)
 
 
-def test_captions_are_followed(shapes_pipe):
-    score = score_model(shapes_pipe, n_single=48, n_double=24, n_position=24, steps=20)
+def test_captions_are_followed(shapes_pipe_shipped):
+    score = score_model(shapes_pipe_shipped, n_single=48, n_double=24, n_position=24, steps=20)
     print("\n" + score.table())
     assert score.colour >= 0.95
     assert score.shape >= 0.85
@@ -60,7 +60,7 @@ def test_captions_are_followed(shapes_pipe):
     assert score.position >= 0.9  # the card: 100% on 96 prompts (50%, chance, before the position fine-tune)
 
 
-def test_strict_figures(shapes_pipe):
+def test_strict_figures(shapes_pipe_shipped):
     """The strict evaluator (issue 14) on a small sample of the tests' own seeds. The reported figures come from
     `diffsteer eval shapes --strict` on fresh seeds. On these 72 images the shipped stage 8 is clean on 23 of 24
     single objects, 4 of 24 pairs, 8 of 12 colour-open and 9 of 12 positioned ones, background 72 of 72; stage 7
@@ -73,7 +73,8 @@ def test_strict_figures(shapes_pipe):
     fresh images of `eval shapes --strict` stage 8 is the better model on both (pairs 40.3 % against 29.2 % of 72,
     position 88.5 % against 83.3 % of 96). 12 prompts of a kind cannot tell these models apart; the pairs, the
     kind with the lowest rate, now have 24."""
-    score = score_strict(shapes_pipe, n_single=24, n_double=24, n_open=12, n_position=12, seed_base=EVAL_SEED_BASE)
+    score = score_strict(shapes_pipe_shipped, n_single=24, n_double=24, n_open=12, n_position=12,
+                         seed_base=EVAL_SEED_BASE)
     print("\n" + score.table())
     assert score.clean("single") >= 22 / 24
     assert score.clean("position") >= 10 / 12

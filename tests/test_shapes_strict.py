@@ -3,6 +3,8 @@ criterion that names it, and only that one."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import pytest
 from PIL import ImageFilter
@@ -248,7 +250,10 @@ class _RendererAsModel:
 
     guidance_interval = (0.0, 0.6)  # what `eval shapes` reads as "the model's own" when no flag names one
 
-    def __init__(self) -> None:
+    def __init__(self, scheduler: Optional[str] = None) -> None:
+        from types import SimpleNamespace
+
+        self.scheduler = SimpleNamespace(name=scheduler or "euler_a")
         self.seeds: list[int] = []
         self.intervals: list[tuple[float, float]] = []
 
@@ -325,21 +330,22 @@ def test_cli_eval_strict(monkeypatch, capsys):
     from diffsteer.pipeline import Pipeline
 
     models: list[_RendererAsModel] = []
-    monkeypatch.setattr(Pipeline, "from_pretrained",
-                        classmethod(lambda cls, *a, **k: models.append(_RendererAsModel()) or models[-1]))
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(
+        lambda cls, model, scheduler=None: models.append(_RendererAsModel(scheduler)) or models[-1]))
     assert cli.main(["eval", "shapes", "--strict", "--single", "2", "--double", "2", "--open", "2",
                      "--position", "2", "-q"]) == 0
     captured = capsys.readouterr()
     assert "| colour-open (\"a circle\"), any one colour | 2 |" in captured.out and "strict: clean" in captured.out
     # no flag: the model's own interval samples every image, and stderr says so
     assert set(models[-1].intervals) == {(0.0, 0.6)}
-    assert "CFG 7.5 where t/T is in [0, 0.6] (the model's own)" in captured.err
+    assert "sampling: euler_a (the model's own), 20 steps, CFG 7.5 where t/T is in [0, 0.6] (the model's own)\n" \
+        in captured.err
     assert cli.main(["eval", "shapes", "--single", "2", "--double", "0", "--position", "0", "-q",
-                     "--guidance-interval", "0,1"]) == 0
+                     "--guidance-interval", "0,1", "--scheduler", "ddim"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("| metric | value | images |") and "strict" not in captured.out.split("\n")[0]
     assert set(models[-1].intervals) == {(0.0, 1.0)}
-    assert "CFG 7.5 where t/T is in [0, 1]\n" in captured.err
+    assert "sampling: ddim, 20 steps, CFG 7.5 where t/T is in [0, 1]\n" in captured.err
 
 
 def test_vae_round_trips_of_renders_stay_clean(shapes_pipe):

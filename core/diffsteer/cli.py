@@ -181,12 +181,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # A short run (--single 4) would otherwise report "colour 100%" from red prompts alone.
     for note in eval_coverage_notes(args.single, args.double, args.position):
         print(f"warning: {note}", file=sys.stderr)
-    pipe = Pipeline.from_pretrained(args.model, scheduler="ddim")
+    pipe = Pipeline.from_pretrained(args.model, scheduler=args.scheduler)
     interval = pipe.guidance_interval if args.guidance_interval is None else check_guidance_interval(
         args.guidance_interval, "--guidance-interval")
-    # on stderr, so the table on stdout stays what scripts read; the interval changes every figure
-    print(f"sampling: DDIM {args.steps} steps, CFG 7.5 where t/T is in [{interval[0]:g}, {interval[1]:g}]"
-          + (" (the model's own)" if args.guidance_interval is None else ""), file=sys.stderr)
+    own = lambda given: " (the model's own)" if given is None else ""  # noqa: E731
+    # on stderr, so the table on stdout stays what scripts read; the sampler and interval change every figure
+    print(f"sampling: {pipe.scheduler.name}{own(args.scheduler)}, {args.steps} steps, CFG 7.5 where t/T is in "
+          f"[{interval[0]:g}, {interval[1]:g}]{own(args.guidance_interval)}", file=sys.stderr)
     n_open = args.open if args.strict else 0
     bar = tqdm(total=args.single + args.double + args.position + n_open, desc="evaluating", unit="img",
                disable=args.quiet)
@@ -201,12 +202,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bar.close()
     print(score.table())
     return 0
-
-
-def _scheduler_names() -> list[str]:
-    from .schedulers import scheduler_names
-
-    return list(scheduler_names())
 
 
 def cmd_new_plugin(args: argparse.Namespace) -> int:
@@ -256,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--strict", action="store_true", help="also judge strictly, on fresh seeds: exact object count, "
                     "colour share, shape IoU (diffsteer.shapes.strict)")
     ev.add_argument("--open", type=int, default=48, help="colour-open prompts ('a circle'), with --strict")
+    ev.add_argument("--scheduler", default=None, metavar="NAME",
+                    help="sampler (default: the model's own; ddim was the evaluation's until the model named one)")
     ev.add_argument("--guidance-interval", type=interval_arg, default=None, metavar="LO,HI",
                     help="guide only where t/T is in [LO, HI] (default: the model's own; 0,1 guides every step)")
     ev.add_argument("-q", "--quiet", action="store_true")

@@ -121,9 +121,13 @@ class ShapesRecipe(BaseModel):
         return self
 
     def scheduler_config(self) -> dict[str, Any]:
-        """Zero terminal SNR, v-prediction, trailing timesteps (see docs/shapes-model.md for why)."""
+        """Zero terminal SNR, v-prediction, trailing timesteps (see docs/shapes-model.md for why), sampled by
+        Euler ancestral: its fresh noise at every step repairs layout errors a deterministic sampler keeps (pairs
+        34 -> 42 of 48 strictly clean against DDIM on the tuning seeds; docs/shapes-model.md, "Sampler")."""
         return {
-            "_class_name": "DDIMScheduler",
+            "_class_name": "EulerAncestralDiscreteScheduler",
+            # DDIM's own fields stay: they say how DDIM samples this model when a call names it (diffusers'
+            # class defaults, clip_sample and set_alpha_to_one true, would change its images).
             "num_train_timesteps": 1000,
             "beta_start": 0.00085,
             "beta_end": 0.012,

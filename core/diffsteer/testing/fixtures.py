@@ -42,8 +42,20 @@ def _shapes_pipeline() -> Any:
 
 @pytest.fixture(scope="session")
 def shapes_pipe() -> Any:
-    """The shipped shapes model with DDIM (the model card's sampling settings)."""
+    """The shipped shapes model with DDIM: deterministic, the sampler every plugin figure was calibrated with."""
     return _shapes_pipeline()
+
+
+@pytest.fixture(scope="session")
+def shapes_pipe_shipped() -> Any:
+    """The shapes model as a user gets it: its own sampler (Euler ancestral) and guidance interval, sharing
+    ``shapes_pipe``'s weights."""
+    import json
+
+    from diffsteer.loading.pipeline_loader import shipped_model_dir
+
+    config = json.loads((shipped_model_dir() / "scheduler" / "scheduler_config.json").read_text())
+    return _shapes_pipeline().with_scheduler(config["_class_name"])
 
 
 @pytest.fixture(scope="session")
