@@ -39,18 +39,18 @@ def grid(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
     return sheet
 
 
-def _same_seeds(pipe: Pipeline, prompt: str | list[str], seeds: list[int], *, every_step: bool = True,
+def _same_seeds(pipe: Pipeline, prompt: str | list[str], seeds: list[int], *, as_calibrated: bool = True,
                 **kwargs) -> list[Image.Image]:
     """One image per seed, each with the starting noise a single call with that seed would draw.
 
-    ``every_step``: guidance at every step, as the plugins' strips and figures were measured; False is the model's
-    own guidance interval (the seed grid)."""
+    ``as_calibrated``: DDIM with guidance at every step, as the plugins' strips and figures were measured; False is
+    the model's own sampler and guidance interval (the seed grid)."""
     import torch
 
     prompts = prompt if isinstance(prompt, list) else [prompt] * len(seeds)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    if every_step:
-        kwargs["guidance_interval"] = (0.0, 1.0)
+    if as_calibrated:
+        pipe, kwargs["guidance_interval"] = pipe.with_scheduler("ddim"), (0.0, 1.0)
     return pipe(prompts, generator=generators, num_inference_steps=STEPS, **kwargs).images
 
 
@@ -63,7 +63,7 @@ def shapes_grid(pipe: Pipeline, seeds: list[int]) -> Image.Image:
         "a red circle and a blue square on a white background",
         "a yellow square and a green triangle on a black background",
     ]
-    return grid([(p.replace(" on a", "\non a"), _same_seeds(pipe, p, seeds, every_step=False)) for p in prompts])
+    return grid([(p.replace(" on a", "\non a"), _same_seeds(pipe, p, seeds, as_calibrated=False)) for p in prompts])
 
 
 def sega(pipe: Pipeline, seeds: list[int]) -> Image.Image:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=8, help="columns (seeds 0..N-1)")
     parser.add_argument("--model", default="shapes", help="model folder (default: the shipped shapes model)")
     args = parser.parse_args(argv)
-    pipe = Pipeline.from_pretrained(args.model, scheduler="ddim")
+    pipe = Pipeline.from_pretrained(args.model)
     seeds = list(range(args.seeds))
     for name in args.only or PICTURES:
         save(PICTURES[name](pipe, seeds), args.out / f"{name}.png")
