@@ -65,8 +65,9 @@ def test_strict_figures(shapes_pipe_shipped):
     `diffsteer eval shapes --strict` on fresh seeds. On these 72 images the shipped stage 8 is clean on 23 of 24
     single objects, 4 of 24 pairs, 8 of 12 colour-open and 9 of 12 positioned ones, background 72 of 72; stage 7
     on the same seeds: 23, 4, 6 and 9, background 72. Stage 12 with guidance at every step is clean on 24, 9, 9 and
-    11, background 72; under the guidance interval the model folder recommends (no guidance above t = 600), which
-    this test samples with, on 24, 21, 11 and 12, background 72. The floors sit two images under those figures.
+    11, background 72; under the guidance interval the model folder recommends (no guidance above t = 600), DDIM, on
+    24, 21, 11 and 12; and as shipped, with that interval and the model's own sampler (Euler ancestral), which this
+    test samples with, on 24, 21, 12 and 12, background 72. The floors sit two images under the DDIM figures.
 
     The sample had 12 pairs until stage 8 (then 60 images; every later prompt's seed moved with the change). There
     stage 8 was clean on 1 pair and 8 positioned ones (stage 7: 2 and 11; the floor was 9), although on the 360
