@@ -15,6 +15,7 @@ from diffsteer.loading.pipeline_loader import shipped_model_dir
 from diffsteer.pipeline import Pipeline
 from diffsteer.shapes import evaluate_caption
 from diffsteer.shapes.benchmark import EVAL_SEED_BASE, eval_prompts, score_model, score_strict
+from diffsteer.shapes.recipe import ShapesRecipe
 from diffsteer.shapes.strict import strict_verdict
 from diffsteer.shapes.vocab import BACKGROUNDS, COLOURS
 
@@ -28,6 +29,11 @@ def test_shapes_model_is_shipped_and_small():
     assert size <= 20e6  # the limit on the shipped size
     sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     assert sched["rescale_betas_zero_snr"] and sched["prediction_type"] == "v_prediction"
+    # sampled with Euler ancestral (docs/shapes-model.md, "Sampler"); DDIM by name still samples as it did
+    assert sched["_class_name"] == index["scheduler"][1] == "EulerAncestralDiscreteScheduler"
+    assert sched == ShapesRecipe().scheduler_config()  # what the recipe writes when it trains the model again
+    ddim = Pipeline.from_pretrained("shapes", scheduler="ddim").scheduler.config
+    assert not ddim.clip_sample and not ddim.set_alpha_to_one and ddim.timestep_spacing == "trailing"
 
 
 def test_a_local_folder_named_shapes_takes_precedence(tmp_path, monkeypatch, tiny_sd1):
