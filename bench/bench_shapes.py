@@ -61,8 +61,8 @@ def main() -> None:
             times[lib].append(run(lib, r))
     med = {lib: statistics.median(v) for lib, v in times.items()}
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    print(f"shapes model, 64x64, {args.steps} steps {ours.scheduler.name}, CFG 7.5, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+    print(f"shapes model, 64x64, {args.steps} steps {ours.scheduler.name}, CFG 7.5, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print("| library | s / image | ratio diffsteer/diffusers |")
     print("|---|---|---|")
     print(f"| diffusers 0.42.1 | {med['diffusers']:.3f} | |")

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "colour share, shape IoU (diffsteer.shapes.strict)")
     ev.add_argument("--open", type=int, default=48, help="colour-open prompts ('a circle'), with --strict")
     ev.add_argument("--scheduler", default=None, metavar="NAME",
-                    help="sampler (default: the model's own; ddim was the evaluation's until the model named one)")
+                    help="sampler (default: the model's own; the model card's figures name theirs)")
     ev.add_argument("--guidance-interval", type=interval_arg, default=None, metavar="LO,HI",
                     help="guide only where t/T is in [LO, HI] (default: the model's own; 0,1 guides every step)")
     ev.add_argument("-q", "--quiet", action="store_true")
