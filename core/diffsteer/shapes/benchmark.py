@@ -1,7 +1,8 @@
 """Measure how well a model draws the shapes world: colour, shape, two-object, background and position accuracy.
 
 ``diffsteer eval shapes [--model DIR]`` prints the table that the model card reports. Settings follow
-the model card: DDIM, 20 steps, CFG 7.5, generation seeds from 10_000 up (training never draws them).
+the model card: the pipeline's sampler and guidance interval (the CLI: the model's own), 20 steps, CFG 7.5,
+generation seeds from 10_000 up (training never draws them).
 ``--strict`` judges fresh seeds (from 50_000) with both that evaluator and the strict one (:mod:`.strict`), per
 prompt kind, colour-open prompts ("a circle") included.
 """
