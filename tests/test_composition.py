@@ -99,8 +99,8 @@ class Run:
         return triangle_rate([Image.fromarray(i) for i in self.images])
 
 
-@pytest.fixture(scope="module")
-def parts():
+def make_parts() -> dict:
+    """The five plugins of the stack, by short name."""
     return dict(
         ti=TextualInversion(embeddings=[WEDGE]),
         sega=Sega(concepts=[dict(prompt="red", guidance_scale=3.0, warmup_steps=2, threshold=0.9)]),
@@ -114,32 +114,51 @@ def stack(parts: dict, without: str = "") -> list:
     return [p for k, p in parts.items() if k != without]
 
 
+def make_runs(pipe, parts: dict) -> dict:
+    """The whole stack, and each comparison run that takes one plugin out (or changes the weight)."""
+    return {
+        "all": Run(pipe, stack(parts)),
+        "blue up": Run(pipe, stack(parts), blue="(blue)1.4"),
+        "no ti": Run(pipe, stack(parts, "ti"), thing="shape"),
+        "no sega": Run(pipe, stack(parts, "sega")),
+        "no sag": Run(pipe, stack(parts, "sag")),
+        "no cn": Run(pipe, stack(parts, "cn")),
+    }
+
+
+def figures(r: dict) -> list[str]:
+    """One line per plugin: its measure with the whole stack against the run without it (bench/stack_sampling.py
+    prints these too)."""
+    share = {k: v.red_share() for k, v in r.items()}
+    return [
+        f"  textual-inversion: triangle rate {r['all'].triangles():.2f} with '<wedge>', "
+        f"{r['no ti'].triangles():.2f} with 'shape' and no token",
+        f"  controlnet: within 4 px of the control {r['all'].near_control():.2f}, without it "
+        f"{r['no cn'].near_control():.2f}",
+        f"  prompt-weighting: red share {share['all'].mean():.2f} with (blue)0.8, {share['blue up'].mean():.2f} with "
+        f"(blue)1.4 (higher with 0.8 in {(share['all'] > share['blue up']).sum()}/{N})",
+        f"  sega +red: red share {share['all'].mean():.2f}, without sega {share['no sega'].mean():.2f} "
+        f"(higher with sega in {(share['all'] > share['no sega']).sum()}/{N})",
+        f"  sag: latent HF energy {r['all'].hf.mean():.4f}, without sag {r['no sag'].hf.mean():.4f} "
+        f"(lower with sag in {(r['all'].hf < r['no sag'].hf).sum()}/{N})",
+    ]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return make_parts()
+
+
 @pytest.fixture(scope="module")
 def runs(shapes_pipe_every_step, parts):
-    return {
-        "all": Run(shapes_pipe_every_step, stack(parts)),
-        "blue up": Run(shapes_pipe_every_step, stack(parts), blue="(blue)1.4"),
-        "no ti": Run(shapes_pipe_every_step, stack(parts, "ti"), thing="shape"),
-        "no sega": Run(shapes_pipe_every_step, stack(parts, "sega")),
-        "no sag": Run(shapes_pipe_every_step, stack(parts, "sag")),
-        "no cn": Run(shapes_pipe_every_step, stack(parts, "cn")),
-    }
+    return make_runs(shapes_pipe_every_step, parts)
 
 
 def test_all_five_in_one_call_each_keep_their_effect(runs):
     r = runs
     share = {k: v.red_share() for k, v in r.items()}
     print(f"\nall five plugins, {N} seeds, DDIM {STEPS} steps")
-    print(f"  textual-inversion: triangle rate {r['all'].triangles():.2f} with '<wedge>', "
-          f"{r['no ti'].triangles():.2f} with 'shape' and no token")
-    print(f"  controlnet: within 4 px of the control {r['all'].near_control():.2f}, without it "
-          f"{r['no cn'].near_control():.2f}")
-    print(f"  prompt-weighting: red share {share['all'].mean():.2f} with (blue)0.8, {share['blue up'].mean():.2f} with "
-          f"(blue)1.4 (higher with 0.8 in {(share['all'] > share['blue up']).sum()}/{N})")
-    print(f"  sega +red: red share {share['all'].mean():.2f}, without sega {share['no sega'].mean():.2f} "
-          f"(higher with sega in {(share['all'] > share['no sega']).sum()}/{N})")
-    print(f"  sag: latent HF energy {r['all'].hf.mean():.4f}, without sag {r['no sag'].hf.mean():.4f} "
-          f"(lower with sag in {(r['all'].hf < r['no sag'].hf).sum()}/{N})")
+    print("\n".join(figures(r)))
     # Measured on stage 12 at 0.2: triangles 1.00 vs 0.50; near 0.67 vs 0.08; red share 0.91 vs 0.05 (12/12) and
     # 0.91 vs 0.01 (12/12); HF energy 0.157 vs 0.166 (10/12). On stage 9 at 0.35: triangles 1.00 vs 0.42; near 1.00
     # vs 0.17; red share 0.92 vs 0.08 (11/12) and 0.92 vs 0.00 (11/12); HF energy 0.183 vs 0.203 (12/12). On stage 8
