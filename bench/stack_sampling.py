@@ -32,10 +32,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     parts = stack_test.make_parts()
-    base = Pipeline.from_pretrained("shapes", scheduler=args.scheduler)
+    pipe = Pipeline.from_pretrained("shapes", scheduler=args.scheduler)
     for text in args.intervals:
-        pipe = base.with_scheduler(args.scheduler)
-        pipe.guidance_interval = tuple(float(v) for v in text.split(","))
+        pipe.guidance_interval = tuple(float(v) for v in text.split(","))  # what calls that name none use
         runs = stack_test.make_runs(pipe, parts)
         print(f"{args.scheduler}, guidance interval {text}, {stack_test.N} seeds, {stack_test.STEPS} steps")
         print("\n".join(stack_test.figures(runs)), flush=True)

@@ -13,6 +13,7 @@ import torch
 
 from diffsteer.loading.pipeline_loader import shipped_model_dir
 from diffsteer.pipeline import Pipeline
+from diffsteer.schedulers import make_scheduler
 from diffsteer.shapes import evaluate_caption
 from diffsteer.shapes.benchmark import EVAL_SEED_BASE, eval_prompts, score_model, score_strict
 from diffsteer.shapes.recipe import ShapesRecipe
@@ -32,7 +33,7 @@ def test_shapes_model_is_shipped_and_small():
     # sampled with Euler ancestral (docs/shapes-model.md, "Sampler"); DDIM by name still samples as it did
     assert sched["_class_name"] == index["scheduler"][1] == "EulerAncestralDiscreteScheduler"
     assert sched == ShapesRecipe().scheduler_config()  # what the recipe writes when it trains the model again
-    ddim = Pipeline.from_pretrained("shapes", scheduler="ddim").scheduler.config
+    ddim = make_scheduler("ddim", sched).config  # what Pipeline.from_pretrained("shapes", scheduler="ddim") builds
     assert not ddim.clip_sample and not ddim.set_alpha_to_one and ddim.timestep_spacing == "trailing"
 
 

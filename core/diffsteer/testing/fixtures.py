@@ -34,10 +34,15 @@ def tiny_pipe(tiny_sd1: Path) -> Any:
 
 
 @functools.lru_cache(maxsize=1)
-def _shapes_pipeline() -> Any:
+def _shipped_pipeline() -> Any:
     from diffsteer.pipeline import Pipeline
 
-    return Pipeline.from_pretrained("shapes", scheduler="ddim")
+    return Pipeline.from_pretrained("shapes")  # the model folder's own sampler and guidance interval
+
+
+@functools.lru_cache(maxsize=1)
+def _shapes_pipeline() -> Any:
+    return _shipped_pipeline().with_scheduler("ddim")
 
 
 @pytest.fixture(scope="session")
@@ -50,12 +55,7 @@ def shapes_pipe() -> Any:
 def shapes_pipe_shipped() -> Any:
     """The shapes model as a user gets it: its own sampler (Euler ancestral) and guidance interval, sharing
     ``shapes_pipe``'s weights."""
-    import json
-
-    from diffsteer.loading.pipeline_loader import shipped_model_dir
-
-    config = json.loads((shipped_model_dir() / "scheduler" / "scheduler_config.json").read_text())
-    return _shapes_pipeline().with_scheduler(config["_class_name"])
+    return _shipped_pipeline()
 
 
 @pytest.fixture(scope="session")
