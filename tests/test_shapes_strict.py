@@ -348,6 +348,16 @@ def test_cli_eval_strict(monkeypatch, capsys):
     assert "sampling: ddim, 20 steps, CFG 7.5 where t/T is in [0, 1]\n" in captured.err
 
 
+def test_cli_eval_unknown_scheduler_is_a_clear_error(tiny_sd1, capsys):
+    from diffsteer import cli
+
+    code = cli.main(["eval", "shapes", "--model", str(tiny_sd1), "--scheduler", "nonesuch", "--single", "1",
+                     "--double", "0", "--position", "0", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: unknown scheduler 'nonesuch'; valid names: ddim," in err
+    assert "Traceback" not in err
+
+
 def test_vae_round_trips_of_renders_stay_clean(shapes_pipe):
     """The issue: the VAE is not why generated images fail (it measured 59 of 60 clean round trips)."""
     import torch
